@@ -1,0 +1,139 @@
+"""Transformer building blocks: Mlp, DropPath, Attention (returns its logits, takes a logit bias), Block.
+
+Defaults that differ from PyTorch are set explicitly: LayerNorm epsilon is always passed, GELU is the
+exact erf form, Dense weights start as trunc_normal(0.02) with zero biases (the reference init).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import TruncatedNormal, Uniform, initializer
+
+
+def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
+    """A Dense layer with the reference init: weight trunc_normal(std 0.02), bias zero."""
+    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros",
+                    has_bias=has_bias)
+
+
+def layer_norm(width: int, eps: float) -> nn.LayerNorm:
+    return nn.LayerNorm((width,), epsilon=eps)
+
+
+def gelu() -> nn.GELU:
+    """Exact (erf) GELU, as torch's default; MindSpore's default is the tanh approximation."""
+    return nn.GELU(approximate=False)
+
+
+def torch_default_uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
+    """PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)) and its bias: U(-1/sqrt(fan_in), +)."""
+    return initializer(Uniform(scale=1.0 / math.sqrt(fan_in)), shape)
+
+
+class Mlp(nn.Cell):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = dense(in_features, hidden_features)
+        self.act = gelu()
+        self.fc2 = dense(hidden_features, out_features)
+        self.drop = nn.Dropout(p=drop)
+
+    def construct(self, x):
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth per sample: x / keep * floor(keep + U[0, 1)), identity in eval mode."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = float(rate)
+        self.dropout = nn.Dropout(p=self.rate) if self.rate > 0 else None
+
+    def construct(self, x):
+        if self.dropout is None or not self.training:
+            return x
+        keep_mask = self.dropout(ops.ones_like(x[:, :1, :1]))  # (B, 1, 1): 0 or 1 / keep
+        return x * keep_mask
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention that returns its pre-softmax logits and accepts an additive logit bias.
+
+    The returned logits are scaled and include the bias: exactly what the next DVT stage reuses.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_tokens = num_tokens
+        self.dim = dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = dense(dim, dim)
+        self.proj_drop = nn.Dropout(p=proj_drop)
+        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+        self.av_matmul = ops.BatchMatMul()
+
+    def construct(self, x, logit_bias=None):
+        qkv = self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = self.qk_matmul(q, k) * self.scale
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        attn = self.attn_drop(ops.softmax(logits, -1))
+        out = self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(-1, self.num_tokens, self.dim)
+        return self.proj_drop(self.proj(out)), logits
+
+
+class Block(nn.Cell):
+    """Pre-norm transformer block; with `feature_reuse` its MLP also reads upstream features.
+
+    `feature_reuse` is a Cell mapping the upstream stage's final tokens to a (B, N, reuse_dim) context
+    that is concatenated after the D channels of the residual stream, in front of norm2 and fc1.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int, mlp_hidden: int, norm_eps: float,
+                 qkv_bias: bool = False, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 feature_reuse: nn.Cell | None = None, reuse_dim: int = 0):
+        super().__init__()
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads, num_tokens, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        mlp_in = dim + (reuse_dim if feature_reuse is not None else 0)
+        self.norm2 = layer_norm(mlp_in, norm_eps)
+        self.mlp = Mlp(mlp_in, mlp_hidden, dim, drop)
+        self.feature_reuse = feature_reuse
+
+    def construct(self, x, upstream_tokens=None, logit_bias=None):
+        out, logits = self.attn(self.norm1(x), logit_bias)
+        x = x + self.drop_path(out)
+        mlp_in = x
+        if self.feature_reuse is not None:
+            mlp_in = ops.cat((x, self.feature_reuse(upstream_tokens)), -1)
+        x = x + self.drop_path(self.mlp(self.norm2(mlp_in)))
+        return x, logits
+
+
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The fixed position table of T2T-ViT: sin on even, cos on odd channels, built in float64."""
+    position = np.arange(num_positions, dtype=np.float64)[:, None]
+    exponent = 2 * (np.arange(dim) // 2) / dim
+    angles = position / np.power(10000.0, exponent)[None, :]
+    table = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
+    return table[None].astype(np.float32)
+
+
+def frozen(name: str, value: np.ndarray) -> Parameter:
+    """A Parameter that is saved and loaded with the checkpoint but never trained."""
+    return Parameter(Tensor(value), name=name, requires_grad=False)

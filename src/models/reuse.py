@@ -1,0 +1,102 @@
+"""Feature reuse and relationship reuse between consecutive DVT stages.
+
+Both resample a token grid g_up x g_up to g x g the way the reference does (nearest x2, then adaptive
+average pooling), but as one constant matrix applied with a matmul: the map is linear and separable,
+K = M kron M. The reference spends much of its time in those copies; a matmul does it in one pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from .layers import Mlp, gelu, layer_norm, torch_default_uniform
+
+
+def resample_1d(src: int, dst: int) -> np.ndarray:
+    """(dst x src) matrix of nearest upsampling src -> 2*src followed by adaptive average pooling to dst.
+
+    Nearest x2 repeats each source cell twice (torch legacy 'nearest': src = floor(i * src / 2src)).
+    Adaptive pooling averages the window [floor(i * n / dst), ceil((i + 1) * n / dst)) with n = 2*src.
+    """
+    upsampled = 2 * src
+    matrix = np.zeros((dst, src), dtype=np.float64)
+    for i in range(dst):
+        start = (i * upsampled) // dst
+        end = -((-(i + 1) * upsampled) // dst)
+        for j in range(start, end):
+            matrix[i, j // 2] += 1.0 / (end - start)
+    return matrix
+
+
+def resample_2d(src: int, dst: int) -> np.ndarray:
+    """(dst^2 x src^2) matrix acting on row-major flattened grids."""
+    m = resample_1d(src, dst)
+    return np.kron(m, m)
+
+
+def token_resample_matrix(src: int, dst: int, keep_cls: bool) -> np.ndarray:
+    """(dst^2+1 x src^2+1) matrix on token sequences with the cls token first.
+
+    keep_cls=True carries the cls token over unchanged (relationship reuse); keep_cls=False gives the
+    cls row zeros (feature reuse: the reference pads a zero row for cls).
+    """
+    out = np.zeros((dst * dst + 1, src * src + 1), dtype=np.float64)
+    out[1:, 1:] = resample_2d(src, dst)
+    out[0, 0] = 1.0 if keep_cls else 0.0
+    return out.astype(np.float32)
+
+
+class FeatureReuse(nn.Cell):
+    """f_l: LN -> MLP (D -> hidden -> reuse_dim) on the upstream final tokens, resampled to this grid.
+
+    Output (B, N, reuse_dim) with a zero row for cls, to be concatenated after a block's D channels.
+    """
+
+    def __init__(self, dim: int, hidden: int, reuse_dim: int, src_grid: int, dst_grid: int,
+                 norm_eps: float, drop: float = 0.0):
+        super().__init__()
+        self.norm = layer_norm(dim, norm_eps)
+        self.mlp = Mlp(dim, hidden, reuse_dim, drop)
+        self.resample = Tensor(token_resample_matrix(src_grid, dst_grid, keep_cls=False))
+
+    def construct(self, upstream_tokens):
+        return ops.matmul(self.resample, self.mlp(self.norm(upstream_tokens)))
+
+
+class PointwiseMlp(nn.Cell):
+    """A 1x1 conv layer on (B, C, H, W) computed as a channel matmul; weight (out, in) as a Dense."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.weight = Parameter(torch_default_uniform((out_channels, in_channels), in_channels), name="weight")
+        self.bias = Parameter(torch_default_uniform((out_channels, 1), in_channels), name="bias")
+
+    def construct(self, x):
+        return ops.matmul(self.weight, x) + self.bias
+
+
+class RelationReuse(nn.Cell):
+    """r_l: a shared per-entry MLP over the stacked upstream attention logits, resampled to this grid.
+
+    Input (B, L*NH, N_up, N_up), layer-major channels; output (B, L*NH, N, N) whose channel block
+    [l*NH, (l+1)*NH) is the logit bias of block l. The cls row and column are resampled along the
+    other axis only and the cls-cls entry is kept (the paper's Fig. 5).
+    """
+
+    def __init__(self, channels: int, src_grid: int, dst_grid: int):
+        super().__init__()
+        self.src_tokens = src_grid * src_grid + 1
+        self.channels = channels
+        self.fc1 = PointwiseMlp(channels, 3 * channels)
+        self.act = gelu()
+        self.fc2 = PointwiseMlp(3 * channels, channels)
+        resample = token_resample_matrix(src_grid, dst_grid, keep_cls=True)
+        self.resample = Tensor(resample)
+        self.resample_t = Tensor(np.ascontiguousarray(resample.T))
+
+    def construct(self, relations):
+        x = relations.reshape(-1, self.channels, self.src_tokens * self.src_tokens)
+        x = self.fc2(self.act(self.fc1(x)))
+        x = x.reshape(-1, self.channels, self.src_tokens, self.src_tokens)
+        return ops.matmul(ops.matmul(self.resample, x), self.resample_t)

@@ -1,0 +1,147 @@
+"""Image to tokens: the T2T soft-split tokenizer (performer or transformer) and the DeiT patch embedding.
+
+The soft split is `ops.unfold`, which orders a patch as (channel, row, col) and zero-pads explicitly,
+exactly as torch's `nn.Unfold` (MindSpore's `nn.Unfold` is TensorFlow-style and must not be used).
+"""
+
+from __future__ import annotations
+
+import math
+
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Orthogonal, initializer
+
+from .layers import Mlp, dense, gelu, layer_norm, torch_default_uniform
+from .spec import T2T, DVTSpec, Tokenizer, conv_out
+
+PERFORMER_DROPOUT = 0.1  # hard-coded in the reference T2T performer, independent of drop_rate
+
+
+class TokenPerformer(nn.Cell):
+    """One-head linear attention with positive random features (T2T's 'performer' token mixer).
+
+    The random feature matrix `w` (m x emb) is a frozen parameter stored in checkpoints: it is random
+    at init, so pretrained weights are only reproduced when `w` is loaded, never regenerated.
+    """
+
+    def __init__(self, dim: int, emb: int, norm_eps: float, kernel_ratio: float = 0.5):
+        super().__init__()
+        self.emb = emb
+        self.num_features = int(emb * kernel_ratio)
+        self.kqv = dense(dim, 3 * emb)
+        self.dp = nn.Dropout(p=PERFORMER_DROPOUT)
+        self.proj = dense(emb, emb)
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.norm2 = layer_norm(emb, norm_eps)
+        self.mlp = nn.SequentialCell([dense(emb, emb), gelu(), dense(emb, emb), nn.Dropout(p=PERFORMER_DROPOUT)])
+        w = initializer(Orthogonal(gain=math.sqrt(self.num_features)), (self.num_features, emb))
+        self.w = Parameter(w, name="w", requires_grad=False)
+        self.feature_scale = 1.0 / math.sqrt(self.num_features)
+        self.matmul_bt = ops.BatchMatMul(transpose_b=True)
+        self.matmul_at = ops.BatchMatMul(transpose_a=True)
+
+    def random_features(self, x):
+        """phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(m), in fp32 (it overflows in fp16)."""
+        x = x.astype(self.w.dtype)
+        half_sq_norm = (x * x).sum(-1, keepdims=True) / 2
+        return ops.exp(ops.matmul(x, self.w.T) - half_sq_norm) * self.feature_scale
+
+    def construct(self, x):
+        kqv = self.kqv(self.norm1(x))
+        k, q, v = kqv[:, :, :self.emb], kqv[:, :, self.emb:2 * self.emb], kqv[:, :, 2 * self.emb:]
+        kp, qp = self.random_features(k), self.random_features(q)
+        normaliser = ops.matmul(qp, kp.sum(1).expand_dims(-1))  # (B, T, 1)
+        kptv = self.matmul_at(v.astype(kp.dtype), kp)  # (B, emb, m)
+        y = self.matmul_bt(qp, kptv) / (normaliser + 1e-8)  # (B, T, emb)
+        y = v + self.dp(self.proj(y))  # the skip uses v: the input has another width
+        return y + self.mlp(self.norm2(y))
+
+
+class TokenAttention(nn.Cell):
+    """One-head softmax attention from `dim` to `emb` channels; the skip connection is v."""
+
+    def __init__(self, dim: int, emb: int, num_tokens: int):
+        super().__init__()
+        self.emb = emb
+        self.num_tokens = num_tokens
+        self.scale = dim ** -0.5  # the reference scales by the input width, not emb
+        self.qkv = dense(dim, 3 * emb, has_bias=False)
+        self.proj = dense(emb, emb)
+        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x):
+        qkv = self.qkv(x)
+        q, k, v = qkv[:, :, :self.emb], qkv[:, :, self.emb:2 * self.emb], qkv[:, :, 2 * self.emb:]
+        attn = ops.softmax(self.qk_matmul(q, k) * self.scale, -1)
+        return v + self.proj(ops.matmul(attn, v))
+
+
+class TokenTransformer(nn.Cell):
+    """T2T's 'transformer' token mixer: TokenAttention then an emb -> emb -> emb MLP."""
+
+    def __init__(self, dim: int, emb: int, num_tokens: int, norm_eps: float):
+        super().__init__()
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.attn = TokenAttention(dim, emb, num_tokens)
+        self.norm2 = layer_norm(emb, norm_eps)
+        self.mlp = Mlp(emb, emb, emb)
+
+    def construct(self, x):
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class T2TTokenizer(nn.Cell):
+    """Tokens-to-token: soft split, mix, re-fold to a map, twice; a third split projected to D."""
+
+    def __init__(self, spec: DVTSpec, tok: Tokenizer):
+        super().__init__()
+        self.tok = tok
+        self.token_dim = spec.token_dim
+        self.side1 = conv_out(spec.img_size, tok.kernel, tok.stride, tok.padding)
+        self.side2 = conv_out(self.side1, 3, 2, 1)
+        dim1 = spec.in_chans * tok.kernel ** 2
+        dim2 = spec.token_dim * 9
+        if spec.t2t_attention == "performer":
+            self.attention1 = TokenPerformer(dim1, spec.token_dim, spec.norm_eps)
+            self.attention2 = TokenPerformer(dim2, spec.token_dim, spec.norm_eps)
+        else:
+            self.attention1 = TokenTransformer(dim1, spec.token_dim, self.side1 ** 2, spec.norm_eps)
+            self.attention2 = TokenTransformer(dim2, spec.token_dim, self.side2 ** 2, spec.norm_eps)
+        self.project = dense(dim2, spec.embed_dim)
+
+    def refold(self, tokens, side: int):
+        """(B, side*side, C) tokens back to a (B, C, side, side) map, row-major."""
+        return tokens.transpose(0, 2, 1).reshape(-1, self.token_dim, side, side)
+
+    def construct(self, image):
+        x = ops.unfold(image, self.tok.kernel, 1, self.tok.padding, self.tok.stride).transpose(0, 2, 1)
+        x = self.attention1(x)
+        x = ops.unfold(self.refold(x, self.side1), 3, 1, 1, 2).transpose(0, 2, 1)
+        x = self.attention2(x)
+        x = ops.unfold(self.refold(x, self.side2), 3, 1, 1, 2).transpose(0, 2, 1)
+        return self.project(x)
+
+
+class PatchEmbed(nn.Cell):
+    """DeiT patch embedding: a strided conv with bias, flattened row-major to (B, g*g, D)."""
+
+    def __init__(self, spec: DVTSpec, tok: Tokenizer):
+        super().__init__()
+        self.embed_dim = spec.embed_dim
+        self.num_patches = conv_out(spec.img_size, tok.kernel, tok.stride, tok.padding) ** 2
+        fan_in = spec.in_chans * tok.kernel ** 2
+        self.proj = nn.Conv2d(
+            spec.in_chans, spec.embed_dim, tok.kernel, stride=tok.stride,
+            pad_mode="pad" if tok.padding else "valid", padding=tok.padding, has_bias=True,
+            weight_init=torch_default_uniform((spec.embed_dim, spec.in_chans, tok.kernel, tok.kernel), fan_in),
+            bias_init=torch_default_uniform((spec.embed_dim,), fan_in))
+
+    def construct(self, image):
+        x = self.proj(image).reshape(-1, self.embed_dim, self.num_patches)
+        return x.transpose(0, 2, 1)
+
+
+def build_tokenizer(spec: DVTSpec, stage: int) -> nn.Cell:
+    tok = spec.tokenizers[stage]
+    return T2TTokenizer(spec, tok) if spec.family == T2T else PatchEmbed(spec, tok)

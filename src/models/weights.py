@@ -1,0 +1,49 @@
+"""Strict checkpoint loading: every parameter present, none left over, every shape equal."""
+
+from __future__ import annotations
+
+import os
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the network it is loaded into."""
+
+
+def compare_parameters(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """Raise CheckpointMismatch naming missing, unexpected and mis-shaped parameters."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mis_shaped = sorted(name for name in set(expected) & set(found) if tuple(expected[name]) != tuple(found[name]))
+    if not (missing or unexpected or mis_shaped):
+        return
+    lines = [f"{source} does not fit this model:"]
+    for title, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+            lines.append(f"  {len(names)} {title}: {shown}")
+    for name in mis_shaped[:10]:
+        lines.append(f"  shape of {name}: model {tuple(expected[name])}, checkpoint {tuple(found[name])}")
+    if len(mis_shaped) > 10:
+        lines.append(f"  ... {len(mis_shaped) - 10} more shape mismatches")
+    raise CheckpointMismatch("\n".join(lines))
+
+
+def parameter_shapes(net: nn.Cell) -> dict[str, tuple]:
+    return {p.name: tuple(p.shape) for p in net.get_parameters()}
+
+
+def load_weights(net: nn.Cell, path: str) -> None:
+    """Load a MindSpore checkpoint into `net`, refusing any mismatch with a message that names it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        params = ms.load_checkpoint(path)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
+        raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
+    params = {name: value for name, value in params.items() if not name.startswith(("moments.", "global_step"))}
+    compare_parameters(parameter_shapes(net), {name: tuple(np.shape(v)) for name, v in params.items()}, path)
+    ms.load_param_into_net(net, params, strict_load=True)

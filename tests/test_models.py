@@ -1,0 +1,135 @@
+"""Registry, configuration-driven exits, reuse switches, frozen tensors and graph-mode forwards."""
+
+import mindspore as ms
+import numpy as np
+import pytest
+from conftest import images
+
+from src.models import create_model, list_models, model_spec
+
+# Registered architectures shrunk for speed: same code paths, small widths and images.
+SHRINK = dict(embed_dim=24, depth=2, num_heads=2, token_dim=8, img_size=64, grids=(3, 4, 6), num_classes=7)
+
+
+def names_and_shapes(net):
+    return {p.name: tuple(p.shape) for p in net.get_parameters()}
+
+
+def test_registry_lists_the_required_models():
+    assert {"dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small", "t2t_vit_12", "t2t_vit_14", "deit_small",
+            "dvt_tiny_t2t", "dvt_tiny_deit"} <= set(list_models())
+
+
+def test_unknown_name_and_argument_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown model 'dvt_t2t_vit12'.*did you mean 'dvt_t2t_vit_12'.*registered"):
+        create_model("dvt_t2t_vit12")
+    with pytest.raises(TypeError, match=r"'drop_pth_rate'.*did you mean 'drop_path_rate'"):
+        create_model("dvt_tiny_t2t", drop_pth_rate=0.2)
+
+
+@pytest.mark.parametrize("name", ["dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small"])
+def test_registered_dvts_compile_and_run_in_graph_mode(name):
+    net = create_model(name, **SHRINK)
+    net.set_train(False)
+    outputs = net(ms.Tensor(images(net.spec)))
+    assert [o.shape for o in outputs] == [(2, 7)] * 3
+    assert all(np.isfinite(o.asnumpy()).all() for o in outputs)
+
+
+def test_full_size_t2t_vit_12_dvt_forward():
+    net = create_model("dvt_t2t_vit_12")
+    net.set_train(False)
+    outputs = net(ms.Tensor(images(net.spec, batch=1)))
+    assert [o.shape for o in outputs] == [(1, 1000)] * 3
+    assert all(np.isfinite(o.asnumpy()).all() for o in outputs)
+
+
+def test_exits_and_grids_are_configuration():
+    two_exit = create_model("dvt_t2t_vit_12", grids=(7, 14), embed_dim=32, depth=1, num_heads=2, token_dim=8)
+    assert two_exit.num_exits == 2
+    four_exit = create_model("dvt_tiny_deit", grids=(2, 3, 4, 6))
+    four_exit.set_train(False)
+    outputs = four_exit(ms.Tensor(images(four_exit.spec)))
+    assert len(outputs) == 4 and outputs[-1].shape == (2, 10)
+    backbone = create_model("t2t_vit_12", grid=7)
+    assert backbone.num_exits == 1 and backbone.spec.grids == (7,)
+
+
+def test_reuse_switches_change_exactly_their_parameters():
+    full = names_and_shapes(create_model("dvt_tiny_t2t"))
+    features = names_and_shapes(create_model("dvt_tiny_t2t", relation_reuse=False))
+    relations = names_and_shapes(create_model("dvt_tiny_t2t", feature_reuse=False))
+    plain = names_and_shapes(create_model("dvt_tiny_t2t", feature_reuse=False, relation_reuse=False))
+    spec = model_spec("dvt_tiny_t2t")
+    d, extra = spec.embed_dim, spec.reuse_dim
+
+    assert set(full) - set(features) == {n for n in full if ".relation_reuse." in n}
+    assert {n.split(".relation_reuse.")[0] for n in set(full) - set(features)} == {"stages.1", "stages.2"}
+    assert set(full) - set(relations) == {n for n in full if ".feature_reuse." in n}
+    assert {n.split(".blocks.")[0] for n in set(full) - set(relations)} == {"stages.1", "stages.2"}
+    assert set(plain) == set(full) - {n for n in full if "_reuse." in n}
+    # Feature reuse widens norm2 and fc1 of the reusing stages, and nothing else.
+    widened = {n for n in plain if full[n] != plain[n]}
+    assert widened == {n for n in plain if n.startswith(("stages.1.", "stages.2."))
+                       and (".norm2." in n or ".mlp.fc1.weight" in n) and ".blocks." in n}
+    for name in widened:
+        assert full[name][-1] == plain[name][-1] + extra == d + extra
+    assert all(relations[n] == plain[n] for n in plain)
+    # The first stage is the same network whatever the switches.
+    assert {n: s for n, s in full.items() if n.startswith("stages.0.")} == \
+           {n: s for n, s in plain.items() if n.startswith("stages.0.")}
+
+
+def test_frozen_and_trainable_tensors():
+    t2t = {p.name: p.requires_grad for p in create_model("dvt_tiny_t2t").get_parameters()}
+    frozen = sorted(n for n, trainable in t2t.items() if not trainable)
+    assert frozen == sorted([f"stages.{k}.pos_embed" for k in range(3)]
+                            + [f"stages.{k}.tokenizer.attention{a}.w" for k in range(3) for a in (1, 2)])
+    deit = {p.name: p.requires_grad for p in create_model("dvt_tiny_deit").get_parameters()}
+    assert all(deit.values())
+
+
+def test_performer_features_are_orthogonal_rows_scaled_by_sqrt_m():
+    w = create_model("dvt_tiny_t2t").stages[0].tokenizer.attention1.w.asnumpy()
+    m = w.shape[0]
+    np.testing.assert_allclose(w @ w.T, m * np.eye(m), atol=1e-4)
+
+
+def test_drop_path_is_per_sample_and_only_in_training():
+    from src.models.layers import DropPath
+
+    ms.set_seed(3)
+    layer = DropPath(0.5)
+    x = ms.Tensor(np.ones((64, 3, 4), np.float32))
+    layer.set_train(True)
+    out = layer(x).asnumpy()
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert (per_sample == per_sample[:, :1]).all()
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    layer.set_train(False)
+    np.testing.assert_array_equal(layer(x).asnumpy(), x.asnumpy())
+
+
+def test_training_mode_runs_with_stochastic_depth():
+    net = create_model("dvt_tiny_t2t", drop_path_rate=0.5)
+    net.set_train(True)
+    x = ms.Tensor(images(net.spec, batch=4))
+    outputs = net(x)
+    assert all(np.isfinite(o.asnumpy()).all() for o in outputs)
+
+
+def test_stage_compiles_once_for_a_dynamic_batch():
+    net = create_model("dvt_tiny_deit")
+    net.set_train(False)
+    stage = net.stages[1]
+    spec = net.spec
+    upstream = net.stages[0](ms.Tensor(images(spec, batch=3)))[1:]
+    stage.set_inputs(ms.Tensor(shape=[None, 3, spec.img_size, spec.img_size], dtype=ms.float32),
+                     ms.Tensor(shape=[None, spec.num_tokens(0), spec.embed_dim], dtype=ms.float32),
+                     ms.Tensor(shape=[None, spec.depth * spec.num_heads, spec.num_tokens(0), spec.num_tokens(0)],
+                               dtype=ms.float32))
+    x = ms.Tensor(images(spec, batch=3))
+    full = stage(x, *upstream)[0].asnumpy()
+    part = stage(x[:2], *(u[:2] for u in upstream))[0].asnumpy()
+    np.testing.assert_allclose(part, full[:2], atol=1e-6)
