@@ -138,10 +138,6 @@ class DVTSpec:
         return len(self.grids)
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def mlp_hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
@@ -154,14 +150,6 @@ class DVTSpec:
 
     def uses_relation_reuse(self, stage: int) -> bool:
         return self.relation_reuse and stage > 0
-
-    def replace(self, **changes) -> DVTSpec:
-        """A copy with some fields changed; a changed `grids` re-derives the tokenizers unless given."""
-        if "grids" in changes and "tokenizers" not in changes:
-            changes["tokenizers"] = None
-        if "img_size" in changes and "tokenizers" not in changes:
-            changes["tokenizers"] = None
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly form, stored next to checkpoints."""

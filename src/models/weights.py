@@ -44,6 +44,5 @@ def load_weights(net: nn.Cell, path: str) -> None:
         params = ms.load_checkpoint(path)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
-    params = {name: value for name, value in params.items() if not name.startswith(("moments.", "global_step"))}
     compare_parameters(parameter_shapes(net), {name: tuple(np.shape(v)) for name, v in params.items()}, path)
     ms.load_param_into_net(net, params, strict_load=True)
