@@ -25,7 +25,7 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
 from src.flops import exit_gflops  # noqa: E402
-from src.models import create_model  # noqa: E402
+from src.models import create_model, model_spec  # noqa: E402
 
 OFFICIAL_NAMES = {"dvt_t2t_vit_12": "DVT_T2t_vit_12", "dvt_t2t_vit_14": "DVT_T2t_vit_14",
                   "dvt_deit_small": "DVT_Deit_small"}
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name, run in runners.items():
             seconds[name].append(time_batches(run, args.batches))
-    gflops = exit_gflops(create_model(args.model).spec)[-1]
+    gflops = exit_gflops(model_spec(args.model))[-1]
     print(f"{args.model}, all exits, batch {args.batch}, {os.cpu_count()} cores, "
           f"{args.rounds} rounds x {args.batches} batches (median):")
     throughput = {}

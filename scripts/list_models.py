@@ -4,6 +4,7 @@ usage: python scripts/list_models.py [--run NAME] [--batch N] [--device_target C
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -15,12 +16,11 @@ import numpy as np  # noqa: E402
 
 from src.flops import exit_gflops  # noqa: E402
 from src.models import create_model, list_models, model_spec  # noqa: E402
+from src.models.weights import spec_parameter_shapes  # noqa: E402
 
 
 def parameter_count(spec) -> int:
-    from src.models.dvt import DVT
-
-    return sum(p.size for p in DVT(spec).get_parameters())
+    return sum(math.prod(shape) for shape in spec_parameter_shapes(spec).values())
 
 
 def main(argv=None) -> int:

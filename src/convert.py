@@ -138,13 +138,12 @@ def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
     import mindspore as ms
 
     from .flops import exit_gflops
-    from .models.dvt import DVT
-    from .models.weights import parameter_shapes
+    from .models.weights import spec_parameter_shapes
 
     state, meta = read_torch_checkpoint(src)
     num_classes = infer_num_classes(state)
     spec = model_spec(arch, num_classes=num_classes)
-    params = official_to_mindspore(state, parameter_shapes(DVT(spec)), source=src)
+    params = official_to_mindspore(state, spec_parameter_shapes(spec), source=src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     records = [{"name": name, "data": ms.Tensor(value)} for name, value in params.items()]
     _atomic_write(dst, lambda tmp: ms.save_checkpoint(records, tmp, format="ckpt"))

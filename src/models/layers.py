@@ -53,8 +53,7 @@ class DropPath(nn.Cell):
 
     def __init__(self, rate: float):
         super().__init__()
-        self.rate = float(rate)
-        self.dropout = nn.Dropout(p=self.rate) if self.rate > 0 else None
+        self.dropout = nn.Dropout(p=float(rate)) if rate > 0 else None
 
     def construct(self, x):
         if self.dropout is None or not self.training:

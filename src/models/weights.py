@@ -7,6 +7,10 @@ import os
 import mindspore as ms
 import numpy as np
 from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
+
+from .dvt import DVT
+from .spec import DVTSpec
 
 
 class CheckpointMismatch(ValueError):
@@ -34,6 +38,12 @@ def compare_parameters(expected: dict[str, tuple], found: dict[str, tuple], sour
 
 def parameter_shapes(net: nn.Cell) -> dict[str, tuple]:
     return {p.name: tuple(p.shape) for p in net.get_parameters()}
+
+
+def spec_parameter_shapes(spec: DVTSpec) -> dict[str, tuple]:
+    """Names and shapes of a spec's parameters, from a model built without drawing its random weights."""
+    with no_init_parameters():
+        return parameter_shapes(DVT(spec))
 
 
 def load_weights(net: nn.Cell, path: str) -> None:
