@@ -1,0 +1,83 @@
+"""Recipes and overrides: every key checked, unknown keys named with the closest valid one."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from src.config import OPTIONS, ConfigError, load_recipe, resolve, save_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipe_then_command_line(tmp_path):
+    recipe = write(tmp_path, "model: dvt_tiny_deit\nlr: 0.01\nepochs: 5\nscale: [0.5, 1.0]\n")
+    config, _ = resolve(["--config_path", recipe, "--lr", "1e-3", "--ema", "false", "--grids", "[2, 4]",
+                         "--clip_grad", "null"], "t")
+    assert config["model"] == "dvt_tiny_deit"
+    assert config["epochs"] == 5
+    assert config["lr"] == pytest.approx(1e-3)  # "1e-3" is a string to YAML 1.1: must still be a float
+    assert config["ema"] is False
+    assert config["grids"] == [2, 4]
+    assert config["scale"] == [0.5, 1.0]
+    assert config["clip_grad"] is None
+    assert config["batch_size"] == OPTIONS["batch_size"].default
+
+
+def test_unknown_key_in_recipe_names_closest(tmp_path):
+    recipe = write(tmp_path, "modle: dvt_tiny_t2t\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle' in .*recipe.yaml; did you mean 'model'"):
+        resolve(["--config_path", recipe], "t")
+
+
+def test_unknown_key_on_command_line_names_closest():
+    with pytest.raises(ConfigError, match=r"'weight_decy' on the command line; did you mean 'weight_decay'"):
+        resolve(["--weight_decy", "0.1"], "t")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("epochs", "ten", "epochs: expected int"),
+    ("epochs", "2.5", "epochs: expected int"),
+    ("ema", "maybe", "ema: expected true or false"),
+    ("amp_level", "O4", "amp_level: 'O4' is not one of"),
+    ("model", "null", "model cannot be null"),
+])
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve([f"--{key}", value], "t")
+
+
+def test_missing_and_malformed_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "lr: [1, 2\n"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config, _ = resolve(["--lr", "0.5"], "t")
+    path = str(tmp_path / "config.yaml")
+    save_config(config, path)
+    again, _ = resolve(["--config_path", path], "t")
+    assert again == config
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml"))))
+def test_shipped_recipes_are_valid(recipe):
+    from src.models import model_spec
+
+    config = load_recipe(recipe)
+    assert set(config) <= set(OPTIONS)
+    with open(recipe) as handle:
+        assert yaml.safe_load(handle)
+    model_spec(config["model"])
