@@ -1,0 +1,215 @@
+"""RandAugment with the semantics of timm's ``rand-m9-mstd0.5-inc1`` policy (the DVT training recipe).
+
+Each call draws ``num_ops`` operations uniformly with replacement from the "increasing" op list and applies
+each with probability ``prob``. Per application the magnitude is drawn from Normal(m, mstd) and clipped to
+[0, 10]; signed ops (rotate, shear, translate, enhance deltas) flip sign with probability 0.5, and the
+geometric ops resample bilinear or bicubic at random and fill with the ImageNet mean. Randomness comes from
+NumPy's global RNG and ``random``, which ``mindspore.dataset.config.set_seed`` seeds.
+"""
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+MAX_MAGNITUDE = 10.0
+IMAGENET_MEAN_FILL = (124, 116, 104)
+INCREASING_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)
+_RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+_SOLARIZE_ADD_THRESHOLD = 128
+
+Fill = tuple[int, int, int]
+Op = Callable[[Image.Image, float, Fill], Image.Image]
+
+
+class _Enhancer(Protocol):
+    def enhance(self, factor: float) -> Image.Image: ...
+
+
+def _level(magnitude: float, maximum: float) -> float:
+    """Map a magnitude in [0, 10] linearly onto [0, maximum]."""
+    return magnitude / MAX_MAGNITUDE * maximum
+
+
+def _signed(value: float) -> float:
+    """Negate with probability 0.5: rotate, shear, translate and the enhance deltas act both ways."""
+    return -value if random.random() < 0.5 else value
+
+
+def _affine(img: Image.Image, matrix: tuple[float, ...], fill: Fill) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=random.choice(_RESAMPLE), fillcolor=fill)
+
+
+def _rotate(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    degrees = _signed(_level(magnitude, 30.0))
+    return img.rotate(degrees, resample=random.choice(_RESAMPLE), fillcolor=fill)
+
+
+def _shear_x(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    return _affine(img, (1.0, _signed(_level(magnitude, 0.3)), 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def _shear_y(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    return _affine(img, (1.0, 0.0, 0.0, _signed(_level(magnitude, 0.3)), 1.0, 0.0), fill)
+
+
+def _translate_x(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    pixels = _signed(_level(magnitude, 0.45)) * img.width
+    return _affine(img, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def _translate_y(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    pixels = _signed(_level(magnitude, 0.45)) * img.height
+    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+def _posterize_increasing(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    """Keep the 4 - int(4*m/10) high bits; a LUT, as recent Pillow refuses 0 bits (magnitude 10: black)."""
+    mask = (0xFF << (8 - (4 - int(_level(magnitude, 4.0))))) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def _solarize_increasing(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    return ImageOps.solarize(img, 256 - int(_level(magnitude, 256.0)))
+
+
+def _solarize_add(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+    add = int(_level(magnitude, 110.0))
+    lut = [min(255, i + add) if i < _SOLARIZE_ADD_THRESHOLD else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+def _enhance_increasing(enhancer: Callable[[Image.Image], _Enhancer]) -> Op:
+    """An enhance op whose factor is 1 ± 0.9*m/10: stronger magnitude means a stronger change either way."""
+
+    def op(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+        return enhancer(img).enhance(1.0 + _signed(_level(magnitude, 0.9)))
+
+    return op
+
+
+OPS: dict[str, Op] = {
+    "AutoContrast": lambda img, magnitude, fill: ImageOps.autocontrast(img),
+    "Equalize": lambda img, magnitude, fill: ImageOps.equalize(img),
+    "Invert": lambda img, magnitude, fill: ImageOps.invert(img),
+    "Rotate": _rotate,
+    "PosterizeIncreasing": _posterize_increasing,
+    "SolarizeIncreasing": _solarize_increasing,
+    "SolarizeAdd": _solarize_add,
+    "ColorIncreasing": _enhance_increasing(ImageEnhance.Color),
+    "ContrastIncreasing": _enhance_increasing(ImageEnhance.Contrast),
+    "BrightnessIncreasing": _enhance_increasing(ImageEnhance.Brightness),
+    "SharpnessIncreasing": _enhance_increasing(ImageEnhance.Sharpness),
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateXRel": _translate_x,
+    "TranslateYRel": _translate_y,
+}
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"RandAugment expects an HWC uint8 RGB array, got shape {shape} and dtype {dtype}")
+    return Image.fromarray(image)
+
+
+def apply_op(image: np.ndarray, name: str, magnitude: float, fill: Fill = IMAGENET_MEAN_FILL) -> np.ndarray:
+    """Apply one named op at a fixed magnitude to an HWC uint8 RGB array (no probability, no magnitude noise)."""
+    if name not in OPS:
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(OPS)}")
+    return np.array(OPS[name](_to_pil(image), float(magnitude), tuple(fill)))
+
+
+class RandAugment:
+    """timm-style RandAugment on HWC uint8 RGB arrays; picklable, so it runs in MindSpore worker processes."""
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        prob: float = 0.5,
+        fill: Sequence[int] = IMAGENET_MEAN_FILL,
+        ops: Sequence[str] = INCREASING_OPS,
+    ) -> None:
+        unknown = [name for name in ops if name not in OPS]
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; known: {', '.join(OPS)}")
+        if not ops:
+            raise ValueError("RandAugment needs at least one op to draw from")
+        if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
+            raise ValueError(f"num_ops must be a non-negative int, got {num_ops!r}")
+        if not 0.0 <= magnitude < float("inf"):
+            raise ValueError(f"magnitude must be finite and >= 0, got {magnitude!r}")
+        if not 0.0 <= magnitude_std < float("inf"):
+            raise ValueError(f"magnitude_std must be finite and >= 0, got {magnitude_std!r}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+        if len(fill) != 3 or not all(0 <= int(c) <= 255 for c in fill):
+            raise ValueError(f"fill must be three values in 0..255, got {fill!r}")
+        self.num_ops = num_ops
+        self.magnitude = float(magnitude)
+        self.magnitude_std = float(magnitude_std)
+        self.prob = float(prob)
+        self.fill: Fill = (int(fill[0]), int(fill[1]), int(fill[2]))
+        self.ops = tuple(ops)
+
+    def sample_magnitude(self) -> float:
+        """Draw one op application's magnitude: Normal(magnitude, magnitude_std) clipped to [0, 10]."""
+        magnitude = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+        return min(max(magnitude, 0.0), MAX_MAGNITUDE)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Augment one HWC uint8 RGB image; returns a new array of the same shape and dtype."""
+        img = _to_pil(image)
+        for index in np.random.randint(len(self.ops), size=self.num_ops):
+            if random.random() < self.prob:
+                img = OPS[self.ops[index]](img, self.sample_magnitude(), self.fill)
+        return np.array(img)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+                f"magnitude_std={self.magnitude_std}, prob={self.prob}, fill={self.fill}, ops={len(self.ops)})")
+
+
+_POLICY_VALUES = {"mstd": r"\d+(?:\.\d*)?|\.\d+", "inc": r"[01]", "m": r"\d+(?:\.\d*)?|\.\d+", "n": r"\d+"}
+
+
+def rand_augment_from_string(policy: str) -> RandAugment:
+    """Build a RandAugment from a timm policy string such as ``rand-m9-mstd0.5-inc1`` or ``rand-m7-n3-mstd0-inc1``.
+
+    Keys: m (magnitude), n (number of ops), mstd (magnitude std), inc (1: increasing ops). As in timm, inc
+    defaults to 0, the original op variants, which this port does not implement: a policy must say inc1.
+    """
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment policy {policy!r} must start with 'rand', got {parts[0]!r}")
+    values: dict[str, str] = {}
+    for part in parts[1:]:
+        key = next((k for k, pattern in _POLICY_VALUES.items()
+                    if part.startswith(k) and re.fullmatch(pattern, part[len(k):])), None)
+        if key is None:
+            raise ValueError(f"RandAugment policy {policy!r}: bad part {part!r} "
+                             "(expected m<number>, n<int>, mstd<number> or inc<0|1>)")
+        if key in values:
+            raise ValueError(f"RandAugment policy {policy!r}: key {key!r} given twice (part {part!r})")
+        values[key] = part[len(key):]
+    if values.get("inc", "0") != "1":
+        raise ValueError(f"RandAugment policy {policy!r}: only the increasing ops (inc1) are supported")
+    kwargs: dict[str, float | int] = {}
+    if "m" in values:
+        kwargs["magnitude"] = float(values["m"])
+    if "n" in values:
+        kwargs["num_ops"] = int(values["n"])
+    if "mstd" in values:
+        kwargs["magnitude_std"] = float(values["mstd"])
+    return RandAugment(**kwargs)
