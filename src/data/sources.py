@@ -1,0 +1,183 @@
+"""Where images come from: ImageNet-style class folders, the CIFAR binary release, and the demo digits.
+
+Folder images are decoded with PIL in the loader threads, so a corrupt file is reported with its path
+(or skipped and counted, with `skip_corrupt`), and grayscale, palette and RGBA images become RGB the way
+torchvision's loader makes them. Each source yields (HWC uint8 RGB image, int32 label).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SKIPPED_LABEL = -1
+DEMO_IMAGE_SIDE = 32
+DEMO_VAL_FRACTION = 0.2
+DEMO_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: missing, empty, or holding an unreadable image."""
+
+
+def find_classes(split_dir: str) -> list[str]:
+    """Sorted class folder names; each must hold at least one image."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"dataset folder not found: {split_dir}")
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
+    return classes
+
+
+def list_images(split_dir: str, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) of every image under split_dir/<class>/, in a fixed order, and the class names.
+
+    `classes` pins the label order (the training split's, for validation); a class folder without any
+    image is an error naming it, since it would silently shift what the head's outputs mean.
+    """
+    found = find_classes(split_dir)
+    classes = classes if classes is not None else found
+    missing = sorted(set(classes) - set(found))
+    if missing:
+        raise DataError(f"{split_dir} lacks class folder(s) {', '.join(missing[:5])} of the training split")
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"{split_dir} has class folder(s) {', '.join(extra[:5])} that the training split lacks")
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(
+            entry.path for entry in os.scandir(class_dir)
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        items.extend((path, label) for path in files)
+    return items, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image fully and convert it to RGB; raises DataError naming the file when it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFolderSource:
+    """Random-access source over (path, label) items for `mindspore.dataset.GeneratorDataset`.
+
+    `pil_transform` runs on the decoded PIL image (evaluation resizes with PIL bicubic, as the
+    reference does). With `skip_corrupt`, an unreadable image yields the label SKIPPED_LABEL, which
+    the pipeline filters out, and its path is recorded in `skipped`.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], skip_corrupt: bool = False,
+                 pil_transform: Callable[[Image.Image], Image.Image] | None = None):
+        self.items = items
+        self.skip_corrupt = skip_corrupt
+        self.pil_transform = pil_transform
+        self.skipped: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
+        path, label = self.items[index]
+        try:
+            image = load_rgb(path)
+        except DataError:
+            if not self.skip_corrupt:
+                raise
+            with self._lock:
+                self.skipped.add(path)
+            return np.zeros((1, 1, 3), np.uint8), np.int32(SKIPPED_LABEL)
+        if self.pil_transform is not None:
+            image = self.pil_transform(image)
+        return np.asarray(image, dtype=np.uint8), np.int32(label)
+
+
+class ArraySource:
+    """Random-access source over in-memory HWC uint8 images (the demo digits)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 pil_transform: Callable[[Image.Image], Image.Image] | None = None):
+        self.images = images
+        self.labels = labels.astype(np.int32)
+        self.pil_transform = pil_transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
+        image = self.images[index]
+        if self.pil_transform is not None:
+            image = np.asarray(self.pil_transform(Image.fromarray(image)), dtype=np.uint8)
+        return image, self.labels[index]
+
+
+def demo_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), as 32x32 RGB, split 80/20.
+
+    The split is a fixed permutation, so train and val never share an image on any machine.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise DataError("the demo dataset needs scikit-learn: pip install -r requirements-demo.txt") from err
+    digits = load_digits()
+    order = np.random.default_rng(DEMO_SPLIT_SEED).permutation(len(digits.target))
+    num_val = int(round(len(order) * DEMO_VAL_FRACTION))
+    chosen = order[num_val:] if split == "train" else order[:num_val]
+    grey = np.round(digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
+    images = np.stack([
+        np.asarray(Image.fromarray(img).resize((DEMO_IMAGE_SIDE, DEMO_IMAGE_SIDE), Image.BILINEAR))
+        for img in grey])
+    return np.repeat(images[..., None], 3, axis=-1), digits.target[chosen].astype(np.int32)
+
+
+CIFAR_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "val": ["test_batch.bin"]},
+    "cifar100": {"train": ["train.bin"], "val": ["test.bin"]},
+}
+CIFAR_LABEL_BYTES = {"cifar10": 1, "cifar100": 2}  # CIFAR-100 records hold (coarse, fine) labels
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_PIXELS = 3 * 32 * 32
+
+
+def read_cifar(root: str, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The CIFAR binary release: records of label byte(s), then 1024 R, 1024 G, 1024 B bytes.
+
+    Returns HWC uint8 images and int32 labels (CIFAR-100: the fine label). Present batch files are read
+    (CIFAR-10 training may be a subset of its five); none present, or a truncated file, is an error.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"{name} folder not found: {root}")
+    names = CIFAR_FILES[name][split]
+    paths = [os.path.join(root, file) for file in names if os.path.isfile(os.path.join(root, file))]
+    if not paths:
+        raise DataError(f"{root} holds none of the {name} {split} files ({', '.join(names)}); "
+                        f"point data_path at the extracted {name} binary release")
+    label_bytes = CIFAR_LABEL_BYTES[name]
+    record = label_bytes + CIFAR_PIXELS
+    images, labels = [], []
+    for path in paths:
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % record:
+            raise DataError(f"{path} is not a {name} binary file: {raw.size} bytes is not a multiple of "
+                            f"the {record}-byte record (truncated?)")
+        rows = raw.reshape(-1, record)
+        labels.append(rows[:, label_bytes - 1].astype(np.int32))
+        images.append(rows[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels = np.concatenate(labels)
+    if labels.max() >= CIFAR_CLASSES[name]:
+        raise DataError(f"{root}: label {labels.max()} is out of range for {name}")
+    return np.ascontiguousarray(np.concatenate(images)), labels

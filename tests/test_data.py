@@ -1,0 +1,180 @@
+"""Data pipelines on small generated datasets: folders, CIFAR binary, the demo digits, corrupt images."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.config import OPTIONS
+from src.data.pipeline import ResizeCenterCrop, create_eval_loader, create_train_loader
+from src.data.sources import DataError, demo_digits, list_images, load_rgb
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def base_config(**overrides) -> dict:
+    config = {key: option.default for key, option in OPTIONS.items()}
+    config.update(num_parallel_workers=1, auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0)
+    config.update(overrides)
+    return config
+
+
+def make_folder(root, classes=("cat", "dog", "owl"), per_class=4, size=(40, 30), modes=("RGB", "L", "P", "RGBA"),
+                noise: bool = True) -> str:
+    """train/ and val/ with images in several modes and formats, as ImageNet folders mix them."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256 if noise else 1, (size[1], size[0], 3), dtype=np.uint8)
+                pixels[..., label % 3] = 255  # a class colour: learnable
+                image = Image.fromarray(pixels).convert(modes[i % len(modes)])
+                ext = "jpg" if image.mode in ("RGB", "L") and noise else "png"
+                image.save(os.path.join(folder, f"{i}.{ext}"))
+    return str(root)
+
+
+def truncate(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 3])
+
+
+def test_folder_listing_and_labels(tmp_path):
+    root = make_folder(tmp_path)
+    items, classes = list_images(os.path.join(root, "train"))
+    assert classes == ["cat", "dog", "owl"]
+    assert [label for _, label in items] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(os.path.isfile(path) for path, _ in items)
+
+
+def test_folder_errors_name_the_place(tmp_path):
+    root = make_folder(tmp_path)
+    with pytest.raises(DataError, match="dataset folder not found: .*nowhere"):
+        list_images(os.path.join(root, "nowhere"))
+    os.makedirs(os.path.join(root, "train", "empty"))
+    with pytest.raises(DataError, match="class folder .*empty holds no images"):
+        list_images(os.path.join(root, "train"))
+    with pytest.raises(DataError, match="lacks class folder"):
+        list_images(os.path.join(root, "val"), ["cat", "dog", "empty", "owl"])
+
+
+def test_modes_become_rgb(tmp_path):
+    root = make_folder(tmp_path)
+    for path, _ in list_images(os.path.join(root, "train"))[0]:
+        image = load_rgb(path)
+        assert image.mode == "RGB"
+
+
+def test_eval_resize_crop_matches_hand_computation():
+    image = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3) % 251)
+    out = ResizeCenterCrop(32, 36, Image.BICUBIC)(image)
+    resized = image.resize((48, 36), Image.BICUBIC)  # short side 60 -> 36, long 80 -> int(36 * 80 / 60)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(resized)[2:34, 8:40])
+
+
+def test_eval_loader_normalises_and_shards(tmp_path):
+    root = make_folder(tmp_path, per_class=3, modes=("RGB",), noise=False)
+    config = base_config(dataset="folder", data_path=root, eval_batch_size=4)
+    whole = create_eval_loader(config, 16)
+    assert whole.num_samples == 9
+    batches = list(whole.dataset.create_tuple_iterator(output_numpy=True))
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    assert images.shape == (9, 3, 16, 16) and images.dtype == np.float32
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    # channel `label` was 255 everywhere: normalised, it is (1 - mean) / std
+    for image, label in zip(images, labels, strict=True):
+        np.testing.assert_allclose(image[label], (1.0 - MEAN[label]) / STD[label], rtol=1e-5)
+    shards = [create_eval_loader(config, 16, rank, 2) for rank in (0, 1)]
+    assert [s.num_samples for s in shards] == [5, 4]
+    shard_labels = [np.concatenate([b[1] for b in s.dataset.create_tuple_iterator(output_numpy=True)])
+                    for s in shards]
+    np.testing.assert_array_equal(shard_labels[0], labels[0::2])
+    np.testing.assert_array_equal(shard_labels[1], labels[1::2])
+
+
+def test_train_loader_gives_soft_targets(tmp_path):
+    root = make_folder(tmp_path)
+    config = base_config(dataset="folder", data_path=root, batch_size=4, num_classes=3,
+                         auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0)
+    loader = create_train_loader(config, 24)
+    batches = list(loader.dataset.create_tuple_iterator(output_numpy=True))
+    assert len(batches) == 3
+    for images, targets in batches:
+        assert images.shape == (4, 3, 24, 24) and images.dtype == np.float32
+        assert targets.shape == (4, 3) and targets.dtype == np.float32
+        np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+        assert targets.min() >= 0.1 / 3 - 1e-6  # smoothing floor
+
+
+def test_corrupt_image_stops_with_its_path(tmp_path):
+    root = make_folder(tmp_path)
+    bad = os.path.join(root, "train", "dog", "1.jpg")
+    truncate(bad)
+    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3)
+    loader = create_train_loader(config, 16)
+    with pytest.raises(RuntimeError, match="cannot read image .*dog/1.jpg"):
+        list(loader.dataset.create_tuple_iterator(output_numpy=True))
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path)
+    bad = os.path.join(root, "train", "dog", "1.jpg")
+    truncate(bad)
+    config = base_config(dataset="folder", data_path=root, batch_size=1, shuffle=False, num_classes=3,
+                         skip_corrupt=True, label_smoothing=0.0)
+    loader = create_train_loader(config, 16)
+    targets = np.concatenate([b[1] for b in loader.dataset.create_tuple_iterator(output_numpy=True)])
+    assert len(targets) == 11
+    np.testing.assert_array_equal(targets.argmax(1), [0] * 4 + [1] * 3 + [2] * 4)
+    assert loader.skipped == {bad}
+
+
+def test_demo_digits_split():
+    train_images, train_labels = demo_digits("train")
+    val_images, val_labels = demo_digits("val")
+    assert len(train_labels) + len(val_labels) == 1797
+    assert len(val_labels) == 359
+    assert train_images.shape[1:] == (32, 32, 3) and train_images.dtype == np.uint8
+    assert set(np.unique(val_labels)) == set(range(10))
+    # disjoint: no validation image appears in training
+    train_set = {img.tobytes() for img in train_images}
+    overlap = sum(img.tobytes() in train_set for img in val_images)
+    assert overlap <= 2  # the digits set itself holds a few exact duplicates
+    again, _ = demo_digits("val")
+    np.testing.assert_array_equal(again, val_images)
+
+
+def write_cifar10(root, per_file: int = 6) -> np.ndarray:
+    """The CIFAR-10 binary layout: records of 1 label byte then 3072 pixel bytes (R, G, B planes)."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(1)
+    labels = []
+    for name in ("data_batch_1.bin", "test_batch.bin"):
+        records = np.zeros((per_file, 3073), np.uint8)
+        records[:, 0] = np.arange(per_file) % 10
+        records[:, 1:] = rng.integers(0, 256, (per_file, 3072))
+        records.tofile(os.path.join(root, name))
+        labels.append(records[:, 0].copy())
+    return labels[1]
+
+
+def test_cifar10_binary(tmp_path):
+    root = str(tmp_path / "cifar-10-batches-bin")
+    test_labels = write_cifar10(root)
+    config = base_config(dataset="cifar10", data_path=root, batch_size=2, eval_batch_size=4, num_classes=10)
+    train = create_train_loader(config, 16)
+    assert train.num_classes == 10
+    images, targets = next(train.dataset.create_tuple_iterator(output_numpy=True))
+    assert images.shape == (2, 3, 16, 16) and targets.shape == (2, 10)
+    val = create_eval_loader(config, 16)
+    labels = np.concatenate([b[1] for b in val.dataset.create_tuple_iterator(output_numpy=True)])
+    np.testing.assert_array_equal(labels, test_labels)
+    with pytest.raises(DataError, match="holds none of the cifar10 train files"):
+        create_train_loader(dict(config, data_path=str(tmp_path)), 16)
