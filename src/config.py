@@ -144,7 +144,9 @@ def coerce(key: str, value: Any) -> Any:
     option = OPTIONS[key]
     if isinstance(value, str) and option.kind is not str:
         value = yaml.safe_load(value) if value.strip() else None
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+    if isinstance(value, str) and option.nullable and value.lower() in ("null", "none"):
+        return None
+    if value is None:
         if option.nullable:
             return None
         raise ConfigError(f"{key} cannot be null")

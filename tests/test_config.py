@@ -47,7 +47,7 @@ def test_unknown_key_on_command_line_names_closest():
     ("epochs", "2.5", "epochs: expected int"),
     ("ema", "maybe", "ema: expected true or false"),
     ("amp_level", "O4", "amp_level: 'O4' is not one of"),
-    ("model", "null", "model cannot be null"),
+    ("epochs", "null", "epochs cannot be null"),
 ])
 def test_bad_values_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):

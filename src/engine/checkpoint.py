@@ -1,0 +1,204 @@
+"""Checkpoints that are never half-written, carry their metadata, and restore a run exactly.
+
+Two kinds, each a `.ckpt` with a `.json` beside it:
+- a training state `<model>-e<epoch>.ckpt`: model, EMA shadow (`ema.*`), optimizer moments and step,
+  loss-scale state; `--resume` restores all of it;
+- `best.ckpt`: model weights only (the EMA's when EMA is on), for eval.py, export.py and `create_model`.
+Both files are written to a hidden temp name and renamed, JSON last: a checkpoint whose JSON exists is
+complete, and a killed run leaves at worst a temp file that the next run removes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+from ..models.weights import CheckpointMismatch, compare_parameters, parameter_shapes
+
+TRAIN_STATE = "train_state"
+MODEL_WEIGHTS = "model"
+EMA_PREFIX = "ema."
+BEST_NAME = "best"
+# The optimizer's learning-rate array: the resumed run's own schedule applies, indexed by the restored step.
+SCHEDULE_PARAMETER = "learning_rate"
+# Spec fields that change what a checkpoint holds; dropout rates may differ between runs.
+ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "mlp_ratio", "grids", "feature_reuse",
+                       "relation_reuse", "num_classes", "img_size", "in_chans", "qkv_bias", "token_dim",
+                       "t2t_attention", "tokenizers", "reuse_dim", "reuse_hidden")
+
+log = logging.getLogger("dvt")
+
+
+def meta_path(ckpt_path: str) -> str:
+    return os.path.splitext(ckpt_path)[0] + ".json"
+
+
+def _temp_name(path: str) -> str:
+    """A hidden name beside `path`; it keeps the extension, which MindSpore's writer insists on."""
+    folder, base = os.path.split(path)
+    stem, ext = os.path.splitext(base)
+    return os.path.join(folder, f".{stem}.tmp{ext}")
+
+
+def write_json(obj: dict, path: str) -> None:
+    tmp = _temp_name(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(save_obj, path: str, meta: dict) -> None:
+    """Write a checkpoint and its JSON atomically (temp file, then rename; JSON last)."""
+    tmp = _temp_name(path)
+    ms.save_checkpoint(save_obj, tmp)
+    os.replace(tmp, path)
+    write_json(meta, meta_path(path))
+
+
+def read_meta(ckpt_path: str) -> dict:
+    path = meta_path(ckpt_path)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_checkpoint(path: str) -> dict:
+    """All parameters of a checkpoint file, with an error that names the file if it cannot be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return ms.load_checkpoint(path)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
+        raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
+
+
+def architecture(spec_dict: dict) -> dict:
+    """The architecture fields of a spec, in their JSON form (tuples become lists)."""
+    return json.loads(json.dumps({key: spec_dict.get(key) for key in ARCHITECTURE_FIELDS}))
+
+
+def check_architecture(meta: dict, spec_dict: dict, model_name: str, path: str) -> None:
+    """Refuse a checkpoint whose JSON describes another architecture, naming what differs."""
+    if not meta.get("spec"):
+        return
+    saved, wanted = architecture(meta["spec"]), architecture(spec_dict)
+    if saved != wanted:
+        diffs = [f"{key}: checkpoint {saved[key]!r}, this run {wanted[key]!r}" for key in ARCHITECTURE_FIELDS
+                 if saved[key] != wanted[key]]
+        raise CheckpointMismatch(f"{path} holds a {meta.get('model', '?')} model, this run builds {model_name}:\n  "
+                                 + "\n  ".join(diffs))
+
+
+def model_weights(params: dict, net: nn.Cell, prefer_ema: bool) -> dict:
+    """The network's parameters out of a model or training checkpoint (the EMA's if asked and present)."""
+    names = [p.name for p in net.get_parameters()]
+    use_ema = prefer_ema and all(EMA_PREFIX + name in params for name in names)
+    if use_ema:
+        return {name: params[EMA_PREFIX + name] for name in names}
+    if any(name.startswith(EMA_PREFIX) for name in params) or "global_step" in params:
+        return {name: params[name] for name in names if name in params}
+    return params
+
+
+def load_model_weights(net: nn.Cell, path: str, prefer_ema: bool = True) -> dict:
+    """Load a model-only or training checkpoint into `net`, strictly; returns the JSON metadata."""
+    params = model_weights(read_checkpoint(path), net, prefer_ema)
+    compare_parameters(parameter_shapes(net), {k: tuple(np.shape(v)) for k, v in params.items()}, path)
+    ms.load_param_into_net(net, params, strict_load=True)
+    return read_meta(path)
+
+
+def load_pretrained(net: nn.Cell, path: str) -> list[str]:
+    """Start from another run's weights; heads of another size are dropped (with a warning).
+
+    Returns the names of the dropped parameters. Anything else that does not fit is an error.
+    """
+    params = model_weights(read_checkpoint(path), net, prefer_ema=True)
+    shapes = parameter_shapes(net)
+    dropped = [name for name, value in params.items()
+               if re.search(r"(^|\.)head\.(weight|bias)$", name) and name in shapes
+               and tuple(np.shape(value)) != shapes[name]]
+    for name in dropped:
+        del params[name]
+    if dropped:
+        log.warning("pretrained %s: dropped %d head parameter(s) of another size (%s); they start from scratch",
+                    path, len(dropped), ", ".join(dropped))
+    kept = {name: shape for name, shape in shapes.items() if name not in dropped}
+    compare_parameters(kept, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
+    ms.load_param_into_net(net, params, strict_load=False)
+    return dropped
+
+
+def load_train_state(train_step: nn.Cell, path: str, spec_dict: dict, model_name: str) -> dict:
+    """Restore weights, EMA, optimizer moments and step, loss scale; returns the metadata (epoch, step)."""
+    meta = read_meta(path)
+    if meta.get("kind") != TRAIN_STATE:
+        raise CheckpointMismatch(f"{path} is not a training checkpoint (no {os.path.basename(meta_path(path))} "
+                                 "with kind train_state); use --pretrained to start from model weights")
+    check_architecture(meta, spec_dict, model_name, path)
+    params = read_checkpoint(path)
+    params.pop(SCHEDULE_PARAMETER, None)
+    expected = parameter_shapes(train_step)
+    expected.pop(SCHEDULE_PARAMETER, None)
+    compare_parameters(expected, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
+    ms.load_param_into_net(train_step, params, strict_load=False)
+    return meta
+
+
+class CheckpointManager:
+    """Rank 0's checkpoints in a run directory: the last `keep` training states and the best weights."""
+
+    def __init__(self, run_dir: str, model_name: str, keep: int):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
+        self.run_dir = run_dir
+        self.model_name = model_name
+        self.keep = keep
+        os.makedirs(run_dir, exist_ok=True)
+
+    def remove_partial(self) -> list[str]:
+        """Delete temp files a killed run left behind; returns their paths."""
+        stale = glob.glob(os.path.join(self.run_dir, ".*.tmp*"))
+        for path in stale:
+            os.remove(path)
+        return stale
+
+    def train_states(self) -> list[tuple[int, str]]:
+        """(epoch, path) of every complete training checkpoint, oldest first."""
+        pattern = re.compile(re.escape(self.model_name) + r"-e(\d+)\.ckpt$")
+        found = []
+        for path in glob.glob(os.path.join(self.run_dir, f"{self.model_name}-e*.ckpt")):
+            match = pattern.search(os.path.basename(path))
+            if match and os.path.isfile(meta_path(path)):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        states = self.train_states()
+        return states[-1][1] if states else None
+
+    def save_train_state(self, train_step: nn.Cell, epoch: int, meta: dict) -> str:
+        path = os.path.join(self.run_dir, f"{self.model_name}-e{epoch:04d}.ckpt")
+        save_checkpoint(train_step, path, dict(meta, kind=TRAIN_STATE, epoch=epoch))
+        for _, old in self.train_states()[:-self.keep]:
+            os.remove(meta_path(old))
+            os.remove(old)
+        return path
+
+    def save_best(self, net: nn.Cell, meta: dict) -> str:
+        """Model weights under the model's own parameter names (EMA shadows are renamed back)."""
+        path = os.path.join(self.run_dir, f"{BEST_NAME}.ckpt")
+        params = [{"name": name.removeprefix(EMA_PREFIX), "data": param.data}
+                  for name, param in ((p.name, p) for p in net.get_parameters())]
+        save_checkpoint(params, path, dict(meta, kind=MODEL_WEIGHTS))
+        return path

@@ -1,0 +1,45 @@
+"""Top-1 / top-5 of every exit over a validation loader, summed over ranks when data-parallel."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+
+class _SumOverRanks(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, x):
+        return self.all_reduce(x)
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """How many labels are among the k largest logits of their row."""
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return int((top == labels[:, None]).any(axis=1).sum())
+
+
+def evaluate(net: nn.Cell, dataset, num_exits: int, group_size: int = 1) -> dict:
+    """Accuracy (%) of each exit: {'top1': [...], 'top5': [...], 'count': N}. `net` returns every exit."""
+    net.set_train(False)
+    counts = np.zeros((2, num_exits), np.float64)
+    total = 0
+    for images, labels in dataset.create_tuple_iterator(num_epochs=1):
+        labels_np = labels.asnumpy()
+        for k, logits in enumerate(net(images)):
+            logits_np = logits.asnumpy()
+            counts[0, k] += topk_correct(logits_np, labels_np, 1)
+            counts[1, k] += topk_correct(logits_np, labels_np, 5)
+        total += len(labels_np)
+    if group_size > 1:
+        packed = np.concatenate([counts.ravel(), [total]]).astype(np.float32)
+        packed = _SumOverRanks()(ms.Tensor(packed)).asnumpy().astype(np.float64)
+        counts, total = packed[:-1].reshape(2, num_exits), int(round(packed[-1]))
+    if total == 0:
+        raise ValueError("the validation set is empty")
+    return {"top1": (100.0 * counts[0] / total).tolist(), "top5": (100.0 * counts[1] / total).tolist(),
+            "count": total}

@@ -1,0 +1,32 @@
+"""Train a DVT: `python train.py --config_path config/demo.yaml [--KEY VALUE ...]`.
+
+Every key of the recipe can be overridden on the command line (`--lr 1e-3 --epochs 5`); an unknown
+key is an error. Data-parallel runs are started by scripts/run_distribute_train.sh (msrun or a rank table).
+"""
+
+import sys
+
+from src.config import ConfigError, resolve
+from src.data.sources import DataError
+from src.engine.trainer import TrainingDiverged, train
+from src.models import CheckpointMismatch
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, _ = resolve(argv, __doc__.splitlines()[0])
+        summary = train(config)
+    except (ConfigError, DataError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, ValueError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    if summary["rank"] == 0 and summary["val"]:
+        final = summary["ema_val"] or summary["val"]
+        kind = "EMA " if summary["ema_val"] else ""
+        print(f"\n{kind}validation top-1 per exit: " + " / ".join(f"{a:.2f}%" for a in final["top1"]))
+        print(f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['best']['epoch']})")
+        print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
