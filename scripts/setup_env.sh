@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="${1:-run}"
 case "$kind" in
-  run) reqs=(requirements.txt) ;;
+  run) reqs=(requirements.txt requirements-demo.txt) ;;
   test) reqs=(requirements-test.txt) ;;
   *) echo "usage: bash scripts/setup_env.sh [run|test]" >&2; exit 2 ;;
 esac
