@@ -177,11 +177,12 @@ def test_resume_from_another_architecture_is_refused(folder, tmp_path, capsys):
               "--ema", "false", "--output_dir", run_dir)
     ckpt = os.path.join(run_dir, "dvt_tiny_deit-e0001.ckpt")
     assert main(["--model", "dvt_tiny_t2t", "--dataset", "folder", "--data_path", folder, "--num_classes", "3",
-                 "--img_size", "16", "--ema", "false", "--resume", ckpt, "--output_dir", str(tmp_path / "t2t")]) == 1
+                 "--img_size", "16", "--batch_size", "8", "--ema", "false", "--resume", ckpt,
+                 "--output_dir", str(tmp_path / "t2t")]) == 1
     err = capsys.readouterr().err
     assert "holds a dvt_tiny_deit model, this run builds dvt_tiny_t2t" in err and "family" in err
     assert main(["--model", "dvt_tiny_deit", "--resume", os.path.join(run_dir, "best.ckpt"), "--dataset", "folder",
-                 "--data_path", folder, "--num_classes", "3", "--img_size", "16", "--ema", "false",
+                 "--data_path", folder, "--num_classes", "3", "--img_size", "16", "--batch_size", "8", "--ema", "false",
                  "--output_dir", str(tmp_path / "x")]) == 1
     assert "not a training checkpoint" in capsys.readouterr().err
 
@@ -210,9 +211,14 @@ def msrun_weights(folder, tmp_path_factory) -> list[dict]:
     common = ["--model", "dvt_tiny_deit", "--dataset", "folder", "--num_classes", "3", "--img_size", "16",
               "--epochs", "1", "--warmup_epochs", "0", "--max_steps_per_epoch", "3", "--shuffle", "false",
               "--ema", "false", "--label_smoothing", "0.1", "--lr", "0.01", "--hflip", "0", "--scale", "[1, 1]",
-              "--ratio", "[1, 1]"]  # deterministic crops: each rank must see exactly its half of the batch
+              "--ratio", "[1, 1]",  # deterministic crops: each rank must see exactly its half of the batch
+              # The key bias has a gradient of exactly zero in exact arithmetic (softmax ignores a per-query
+              # constant); Adam rescales its rounding noise to lr * g / (|g| + eps). A larger eps keeps that
+              # noise below the tolerance without loosening the check on every real gradient.
+              "--eps", "1e-6"]
     single = str(tmp_path / "single")
-    run_train(*common, "--data_path", folder, "--batch_size", "8", "--output_dir", single)
+    run_train("--config_path", "config/demo.yaml", *common, "--data_path", folder, "--batch_size", "8",
+              "--output_dir", single)
     dist = str(tmp_path / "dist")
     env = dict(os.environ, MASTER_PORT=str(8100 + os.getpid() % 1000))
     result = subprocess.run(
@@ -239,9 +245,6 @@ def test_msrun_two_workers_end_with_identical_weights(msrun_weights):
     assert int(rank0["global_step"].asnumpy().reshape(-1)[0]) == 3
 
 
-@pytest.mark.xfail(reason="open: the 2-rank gradients differ from one process on the same global batch by about 2% "
-                          "(same initial weights, same data per rank, batch-independent forward); see issue #3",
-                   strict=False)
 def test_msrun_two_workers_equal_one_process_on_the_global_batch(msrun_weights):
     rank0, _, single = msrun_weights
     for n in model_parameter_names(single):

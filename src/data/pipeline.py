@@ -121,8 +121,13 @@ def _is_readable(label: np.ndarray) -> bool:
     return int(label) != SKIPPED_LABEL
 
 
+def workers(config: dict) -> int:
+    """Loader threads: as configured, but no more than this machine's cores (MindSpore refuses more)."""
+    return max(1, min(config["num_parallel_workers"], os.cpu_count() or 1))
+
+
 def _generator(config: dict, source, **sampling) -> ds.Dataset:
-    data = ds.GeneratorDataset(source, ["image", "label"], num_parallel_workers=config["num_parallel_workers"],
+    data = ds.GeneratorDataset(source, ["image", "label"], num_parallel_workers=workers(config),
                                python_multiprocessing=False, **sampling)
     if config["skip_corrupt"]:
         data = data.filter(_is_readable, input_columns=["label"])
@@ -139,7 +144,7 @@ def create_train_loader(config: dict, img_size: int, rank: int = 0, group_size: 
     shard = dict(num_shards=group_size, shard_id=rank) if group_size > 1 else {}
     data = _generator(config, source, shuffle=config["shuffle"], **shard)
     data = data.map(train_image_ops(config, img_size), input_columns="image",
-                    num_parallel_workers=config["num_parallel_workers"])
+                    num_parallel_workers=workers(config))
     mixer = _mixer(config, num_classes)
     data = data.batch(config["batch_size"], drop_remainder=True, per_batch_map=mixer.per_batch_map,
                       input_columns=["image", "label"], output_columns=["image", "target"])
@@ -156,6 +161,6 @@ def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: i
     source, num_classes = _source(config, split, resize, class_names)
     indices = list(range(rank, len(source), group_size))
     data = _generator(config, source, sampler=ds.SubsetSampler(indices))
-    data = data.map(_normalise(config), input_columns="image", num_parallel_workers=config["num_parallel_workers"])
+    data = data.map(_normalise(config), input_columns="image", num_parallel_workers=workers(config))
     data = data.batch(config["eval_batch_size"], drop_remainder=False)
     return Loader(data, len(indices), num_classes, source)

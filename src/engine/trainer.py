@@ -126,10 +126,10 @@ def _batches(dataset):
     try:
         yield from dataset.create_tuple_iterator(num_epochs=1)
     except RuntimeError as err:
-        found = re.search(r"cannot read image [^\n]*", str(err))
+        found = re.search(r"DataError: (cannot read image [^\n]*)", str(err))
         if found is None:
             raise
-        raise DataError(f"{found.group(0).strip()}\n(set skip_corrupt: true to skip and count unreadable images)"
+        raise DataError(f"{found.group(1).strip()}\n(set skip_corrupt: true to skip and count unreadable images)"
                         ) from None
 
 

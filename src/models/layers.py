@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, Uniform, initializer
@@ -87,10 +88,11 @@ class Attention(nn.Cell):
         qkv = self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = self.qk_matmul(q, k) * self.scale
+        # Logits and softmax stay fp32 under mixed precision: the next stage reuses these logits.
+        logits = self.qk_matmul(q, k).astype(ms.float32) * self.scale
         if logit_bias is not None:
-            logits = logits + logit_bias
-        attn = self.attn_drop(ops.softmax(logits, -1))
+            logits = logits + logit_bias.astype(ms.float32)
+        attn = self.attn_drop(ops.softmax(logits, -1).astype(v.dtype))
         out = self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(-1, self.num_tokens, self.dim)
         return self.proj_drop(self.proj(out)), logits
 

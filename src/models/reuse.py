@@ -61,7 +61,8 @@ class FeatureReuse(nn.Cell):
         self.resample = Tensor(token_resample_matrix(src_grid, dst_grid, keep_cls=False))
 
     def construct(self, upstream_tokens):
-        return ops.matmul(self.resample, self.mlp(self.norm(upstream_tokens)))
+        features = self.mlp(self.norm(upstream_tokens))
+        return ops.matmul(self.resample.astype(features.dtype), features)
 
 
 class PointwiseMlp(nn.Cell):
@@ -73,7 +74,7 @@ class PointwiseMlp(nn.Cell):
         self.bias = Parameter(torch_default_uniform((out_channels, 1), in_channels), name="bias")
 
     def construct(self, x):
-        return ops.matmul(self.weight, x) + self.bias
+        return ops.matmul(self.weight, x.astype(self.weight.dtype)) + self.bias
 
 
 class RelationReuse(nn.Cell):
@@ -102,6 +103,6 @@ class RelationReuse(nn.Cell):
         x = x.reshape(-1, self.channels, self.src_tokens, self.src_tokens)
         # Queries first, on the small side; then all key rows at once as one 2-D GEMM (1.7x faster
         # on CPU than two broadcast matmuls for 10x10 -> 14x14).
-        x = ops.matmul(self.resample, x).reshape(-1, self.src_tokens)
-        x = ops.matmul(x, self.resample_t)
+        x = ops.matmul(self.resample.astype(x.dtype), x).reshape(-1, self.src_tokens)
+        x = ops.matmul(x, self.resample_t.astype(x.dtype))
         return x.reshape(-1, self.channels, self.dst_tokens, self.dst_tokens)

@@ -1,0 +1,147 @@
+"""The training step and checkpoints, checked against NumPy: loss, EMA, skipped overflow, AMP, files."""
+
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from src.engine.checkpoint import CheckpointManager, load_model_weights, load_train_state
+from src.engine.optim import AdamW, param_groups
+from src.engine.train_step import DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
+from src.engine.trainer import apply_amp
+from src.models import create_model
+from src.models.tokenizers import TokenPerformer
+
+BATCH, CLASSES, SIZE = 4, 3, 16
+
+
+def tiny(seed: int = 0):
+    ms.set_seed(seed)
+    return create_model("dvt_tiny_deit", num_classes=CLASSES, img_size=SIZE, drop_path_rate=0.0)
+
+
+def batch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(BATCH, 3, SIZE, SIZE)).astype(np.float32)
+    targets = rng.dirichlet(np.ones(CLASSES), BATCH).astype(np.float32)
+    return images, targets
+
+
+def numpy_loss(exits, targets) -> float:
+    total = 0.0
+    for logits in exits:
+        shifted = logits - logits.max(1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        total += float((-(targets * log_probs).sum(1)).mean())
+    return total
+
+
+@pytest.fixture(scope="module")
+def step_parts():
+    """One compiled train step (dynamic loss scaling, EMA 0.9) and the net it trains."""
+    net = tiny()
+    shadow = tiny(seed=1)
+    ema = ModelEMA(net, shadow, 0.9)
+    optimizer = AdamW(param_groups(net, 0.05), learning_rate=ms.Tensor(np.full(10, 1e-2, np.float32)))
+    step = TrainStep(DVTWithLoss(net), optimizer, loss_scale_sense("dynamic", 1024.0, 1000), ema=ema)
+    step.set_train(True)
+    return net, ema, optimizer, step
+
+
+def test_loss_is_the_sum_of_every_exits_soft_cross_entropy():
+    net = tiny()
+    net.set_train(False)
+    images, targets = batch()
+    exits = [o.asnumpy() for o in net(ms.Tensor(images))]
+    loss = DVTWithLoss(net)
+    loss.set_train(False)
+    value = float(loss(ms.Tensor(images), ms.Tensor(targets)).asnumpy())
+    assert value == pytest.approx(numpy_loss(exits, targets), rel=1e-5)
+
+
+def test_step_updates_weights_and_the_ema(step_parts):
+    net, ema, optimizer, step = step_parts
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    images, targets = batch()
+    loss, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets))
+    assert np.isfinite(float(loss.asnumpy())) and not bool(overflowed.asnumpy())
+    assert float(scale.asnumpy()) == 1024.0
+    cls = "stages.0.cls_token"
+    after = dict((p.name, p.asnumpy()) for p in net.get_parameters())
+    assert not np.allclose(after[cls], before[cls])
+    shadow = dict((p.name, p.asnumpy()) for p in ema.shadow.get_parameters())
+    # the shadow started at the net's weights (copy_from) and moved 10% of the way to the new ones
+    np.testing.assert_allclose(shadow["ema." + cls], 0.9 * before[cls] + 0.1 * after[cls], rtol=1e-5, atol=1e-7)
+    frozen = [p.name for p in net.get_parameters() if not p.requires_grad]
+    for name in frozen:
+        np.testing.assert_array_equal(shadow["ema." + name], before[name])
+
+
+def test_overflow_skips_the_update_but_advances_the_schedule(step_parts):
+    net, ema, optimizer, step = step_parts
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    shadow_before = {p.name: p.asnumpy().copy() for p in ema.shadow.get_parameters()}
+    global_step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
+    adam_step = int(optimizer.adam_step.asnumpy().reshape(-1)[0])
+    images, targets = batch(1)
+    images[0, 0, 0, 0] = np.inf
+    _, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets))
+    assert bool(overflowed.asnumpy())
+    assert float(scale.asnumpy()) == float(step.scale_sense.asnumpy()) == 512.0  # halved for the next step
+    for p in net.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), before[p.name])
+    for p in ema.shadow.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), shadow_before[p.name])
+    assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == global_step + 1
+    assert int(optimizer.adam_step.asnumpy().reshape(-1)[0]) == adam_step
+
+
+def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
+    net, ema, optimizer, step = step_parts
+    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=2)
+    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict(), "step": 2}
+    for epoch in (1, 2, 3):
+        manager.save_train_state(step, epoch, meta)
+    assert [e for e, _ in manager.train_states()] == [2, 3]
+    # a checkpoint without its JSON is incomplete and never picked; stale temp files are removed
+    open(os.path.join(str(tmp_path), "dvt_tiny_deit-e0009.ckpt"), "wb").close()
+    open(os.path.join(str(tmp_path), ".dvt_tiny_deit-e0004.tmp.ckpt"), "wb").close()
+    assert manager.latest().endswith("e0003.ckpt")
+    assert [os.path.basename(p) for p in manager.remove_partial()] == [".dvt_tiny_deit-e0004.tmp.ckpt"]
+    saved = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
+    for p in net.get_parameters():
+        p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)))
+    restored = load_train_state(step, manager.latest(), net.spec.to_dict(), "dvt_tiny_deit")
+    assert restored["epoch"] == 3
+    for p in step.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), saved[p.name], err_msg=p.name)
+    best = manager.save_best(ema.shadow, dict(meta, epoch=3))
+    with open(best.replace(".ckpt", ".json")) as handle:
+        assert json.load(handle)["kind"] == "model"
+    fresh = tiny(seed=5)
+    load_model_weights(fresh, best)
+    np.testing.assert_array_equal(fresh.stages[1].cls_token.asnumpy(), ema.shadow.stages[1].cls_token.asnumpy())
+    from_state = tiny(seed=6)
+    load_model_weights(from_state, manager.latest(), prefer_ema=False)  # model weights out of a training state
+    np.testing.assert_array_equal(from_state.stages[1].cls_token.asnumpy(), net.stages[1].cls_token.asnumpy())
+
+
+@pytest.mark.parametrize("level", ["O2", "auto"])
+def test_mixed_precision_keeps_norms_and_performer_fp32(level):
+    ms.set_seed(0)
+    reference = create_model("dvt_tiny_t2t", drop_path_rate=0.0)
+    reference.set_train(False)
+    images = ms.Tensor(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32))
+    expected = [o.asnumpy() for o in reference(images)]
+    net = create_model("dvt_tiny_t2t", drop_path_rate=0.0)
+    ms.load_param_into_net(net, {p.name: p for p in reference.get_parameters()})
+    apply_amp(net, level)
+    net.set_train(False)
+    kept = [cell for _, cell in net.cells_and_names() if isinstance(cell, (nn.LayerNorm, TokenPerformer))]
+    assert kept and all(cell.get_flags().get("fp32") for cell in kept)
+    outputs = [o.asnumpy().astype(np.float32) for o in net(images)]
+    for got, want in zip(outputs, expected, strict=True):
+        assert np.abs(got - want).max() < 5e-3  # fp16 compute, not fp32 (which would be ~1e-7)
