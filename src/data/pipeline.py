@@ -151,15 +151,22 @@ def create_train_loader(config: dict, img_size: int, rank: int = 0, group_size: 
     return Loader(data, num_samples, num_classes, source)
 
 
-def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: int = 1,
-                       split: str = "val") -> Loader:
-    """Deterministic validation batches of (images, int labels); this rank's share, unpadded."""
+def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: int = 1, split: str = "val",
+                       subset: int | None = None, subset_seed: int = 0) -> Loader:
+    """Deterministic eval-transformed batches of (images, int labels); this rank's share, unpadded.
+
+    `subset` draws that many images of the split at random (seeded), in index order: the calibration
+    set that thresholds are solved on is such a subset of the training split.
+    """
     resize = ResizeCenterCrop(img_size, eval_resize(config, img_size), PIL_INTERPOLATIONS[config["interpolation"]])
     class_names = None
     if config["dataset"] == "folder" and config["data_path"]:
         _, class_names = list_images(os.path.join(config["data_path"], config["train_split"]))
     source, num_classes = _source(config, split, resize, class_names)
-    indices = list(range(rank, len(source), group_size))
+    chosen = np.arange(len(source))
+    if subset is not None and subset < len(source):
+        chosen = np.sort(np.random.default_rng(subset_seed).choice(len(source), subset, replace=False))
+    indices = chosen[rank::group_size].tolist()
     data = _generator(config, source, sampler=ds.SubsetSampler(indices))
     data = data.map(_normalise(config), input_columns="image", num_parallel_workers=workers(config))
     data = data.batch(config["eval_batch_size"], drop_remainder=False)

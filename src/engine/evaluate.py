@@ -23,6 +23,28 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
+def collect_probs(net: nn.Cell, dataset, num_exits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's softmax over a dataset: (K, N, C) float32 probabilities and (N,) labels."""
+    net.set_train(False)
+    probs, labels = [[] for _ in range(num_exits)], []
+    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1):
+        for k, logits in enumerate(net(images)):
+            logits = logits.asnumpy().astype(np.float64)
+            shifted = np.exp(logits - logits.max(1, keepdims=True))
+            probs[k].append((shifted / shifted.sum(1, keepdims=True)).astype(np.float32))
+        labels.append(batch_labels.asnumpy())
+    if not labels:
+        raise ValueError("the dataset is empty")
+    return np.stack([np.concatenate(p) for p in probs]), np.concatenate(labels).astype(np.int64)
+
+
+def accuracy_per_exit(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 / top-5 (%) of every exit from (K, N, C) probabilities."""
+    top1 = [100.0 * topk_correct(p, labels, 1) / len(labels) for p in probs]
+    top5 = [100.0 * topk_correct(p, labels, 5) / len(labels) for p in probs]
+    return {"top1": top1, "top5": top5, "count": len(labels)}
+
+
 def evaluate(net: nn.Cell, dataset, num_exits: int, group_size: int = 1) -> dict:
     """Accuracy (%) of each exit: {'top1': [...], 'top5': [...], 'count': N}. `net` returns every exit."""
     net.set_train(False)

@@ -1,0 +1,145 @@
+"""Evaluate a DVT under a compute budget: every exit's accuracy and GFLOPs, thresholds solved for budgets.
+
+    python eval.py --config_path config/demo.yaml --checkpoint_path runs/demo/best.ckpt
+    python eval.py --from_probs runs/demo/eval/probs.npz --budgets 0.3x,0.5x --method exhaustive
+
+--mode solve (default) solves thresholds on a calibration subset of the training split (the paper solves
+on training data) for --budgets and scores them on the validation set; --mode stored scores the thresholds
+stored with a converted official checkpoint; --mode report prints the results stored with the checkpoint.
+Outputs go to --output_dir: budget_curve.json / .csv / .png and thresholds.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from src.budget import METHODS, BudgetError, confidences, resolve_budgets, simulate, solve
+from src.config import ConfigError, resolve
+from src.data.sources import DataError
+from src.models import CheckpointMismatch
+from src.report import PLOT_HINT, plot_curve, table, write_curve, write_thresholds
+
+
+def eval_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--checkpoint_path", help="best.ckpt, a training checkpoint (EMA weights) or a converted one")
+    flags.add_argument("--mode", choices=("solve", "stored", "report"), default="solve")
+    flags.add_argument("--method", choices=METHODS, default="ga", help="threshold solver (default ga)")
+    flags.add_argument("--budgets", default="official",
+                       help="'official' (the 59 of the official protocol), GFLOPs '1.2,2.0' or fractions '0.4x'")
+    flags.add_argument("--calib_size", type=int, default=50000, help="calibration images drawn from the train split")
+    flags.add_argument("--calib_seed", type=int, default=0)
+    flags.add_argument("--save_probs", metavar="FILE.npz", help="save every exit's softmax for --from_probs")
+    flags.add_argument("--from_probs", metavar="FILE.npz", help="re-solve from saved probabilities, no model or data")
+    flags.add_argument("--backbone_point", metavar="GFLOPS,TOP1", help="the plain backbone's point for the plot")
+    return flags
+
+
+def load_probs(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"probabilities file not found: {path}")
+    with np.load(path) as data:
+        missing = {"val_probs", "val_labels", "calib_probs", "calib_labels", "flops"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(sorted(missing))} (write it with eval.py --save_probs)")
+        return {key: data[key] for key in data.files}
+
+
+def compute_probs(config: dict, args) -> dict:
+    """Run the cascade over the validation set and a calibration subset of the training split."""
+    import mindspore as ms
+
+    from src.data.pipeline import create_eval_loader
+    from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
+    from src.engine.evaluate import collect_probs
+    from src.engine.trainer import build_model
+    from src.flops import exit_gflops
+
+    if not args.checkpoint_path:
+        raise ConfigError("give --checkpoint_path (or --from_probs)")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(config["device_target"])
+    net = build_model(config, config["num_classes"])
+    meta = read_meta(args.checkpoint_path)
+    check_architecture(meta, net.spec.to_dict(), config["model"], args.checkpoint_path)
+    load_model_weights(net, args.checkpoint_path, prefer_ema=True)
+    img_size = net.spec.img_size
+    val = create_eval_loader(config, img_size)
+    calib = create_eval_loader(config, img_size, split="train", subset=args.calib_size, subset_seed=args.calib_seed)
+    val_probs, val_labels = collect_probs(net, val.dataset, net.num_exits)
+    calib_probs, calib_labels = collect_probs(net, calib.dataset, net.num_exits)
+    flops = meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec)
+    return {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
+            "calib_labels": calib_labels, "flops": np.asarray(flops, np.float64), "meta": meta}
+
+
+def curve_rows(thresholds_list, budgets, val_conf, val_correct, flops) -> list[dict]:
+    return [simulate(t, val_conf, val_correct, flops).as_dict(float(b))
+            for t, b in zip(thresholds_list, budgets, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.engine.evaluate import accuracy_per_exit
+
+    try:
+        config, args = resolve(argv, __doc__.splitlines()[0], eval_flags())
+        if args.mode == "report":
+            return report_stored(args.checkpoint_path)
+        data = load_probs(args.from_probs) if args.from_probs else compute_probs(config, args)
+        flops = [float(f) for f in data["flops"]]
+        exits = accuracy_per_exit(data["val_probs"], data["val_labels"])
+        val_conf, val_correct = confidences(data["val_probs"], data["val_labels"])
+        calib_conf, calib_correct = confidences(data["calib_probs"], data["calib_labels"])
+        if args.mode == "stored":
+            stored = (data.get("meta") or {}).get("dynamic_threshold")
+            if stored is None:
+                raise ConfigError(f"{args.checkpoint_path} stores no thresholds (dynamic_threshold)")
+            thresholds_list = [list(map(float, row)) for row in stored]
+            budgets = [simulate(t, calib_conf, calib_correct, flops).expected_gflops for t in thresholds_list]
+        else:
+            budgets = resolve_budgets(args.budgets, flops, calib_conf, calib_correct)
+            thresholds_list = solve(args.method, data["calib_probs"], data["calib_labels"], flops, budgets,
+                                    seed=config["seed"])
+        curve = curve_rows(thresholds_list, budgets, val_conf, val_correct, flops)
+    except (ConfigError, DataError, CheckpointMismatch, BudgetError, FileNotFoundError, ValueError) as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 1
+    out = config["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    model = str(data["model"]) if "model" in data else config["model"]
+    if args.save_probs:
+        np.savez_compressed(args.save_probs, model=np.array(model), **{k: v for k, v in data.items()
+                                                                       if k not in ("meta", "model")})
+    print(table(curve, exits, flops))
+    written = write_curve(curve, out)
+    written.append(write_thresholds(curve, {"model": model, "method": args.method, "exit_gflops": flops,
+                                            "val_top1_per_exit": exits["top1"]}, out))
+    backbone = tuple(map(float, args.backbone_point.split(","))) if args.backbone_point else None
+    plot = plot_curve(curve, exits, flops, out, f"{model}: accuracy vs GFLOPs", backbone)
+    written.append(plot or PLOT_HINT)
+    print("\nwrote " + ", ".join(written))
+    return 0
+
+
+def report_stored(checkpoint_path: str | None) -> int:
+    """The results stored in a checkpoint's JSON (a converted official one, or ours)."""
+    from src.engine.checkpoint import read_meta
+
+    if not checkpoint_path or not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    meta = read_meta(checkpoint_path)
+    keys = ("model", "arch", "exit_gflops", "analytic_gflops", "flops", "val", "anytime_classification",
+            "budgeted_batch_classification")
+    shown = {key: meta[key] for key in keys if key in meta}
+    if not shown:
+        print(f"{checkpoint_path} has no stored results (no JSON beside it)")
+        return 1
+    print(json.dumps(shown, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

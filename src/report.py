@@ -1,0 +1,89 @@
+"""The accuracy-vs-GFLOPs curve as a terminal table, JSON, CSV, a thresholds file and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+CURVE_FIELDS = ("budget_gflops", "expected_gflops", "top1", "exit_fractions", "thresholds")
+PLOT_HINT = "pip install matplotlib (or -r requirements-plot.txt) to get budget_curve.png"
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        write(handle)
+    os.replace(tmp, path)
+
+
+def table(curve: list[dict], exits: dict, gflops: list[float]) -> str:
+    """The per-exit results, then one line per budget."""
+    lines = ["exit  GFLOPs   top-1   top-5"]
+    for k, cost in enumerate(gflops):
+        lines.append(f"{k + 1:>4}  {cost:>6.4g}  {exits['top1'][k]:>6.2f}  {exits['top5'][k]:>6.2f}")
+    if curve:
+        lines.append("")
+        lines.append("budget  expected  top-1   exit fractions")
+        for row in curve:
+            fractions = " ".join(f"{f:.3f}" for f in row["exit_fractions"])
+            lines.append(f"{row['budget_gflops']:>6.4g}  {row['expected_gflops']:>8.4g}  {row['top1']:>6.2f}   "
+                         f"{fractions}")
+    return "\n".join(lines)
+
+
+def write_curve(curve: list[dict], output_dir: str) -> list[str]:
+    """budget_curve.json and budget_curve.csv; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "budget_curve.json")
+    _write_atomic(json_path, lambda h: json.dump(curve, h, indent=2))
+    csv_path = os.path.join(output_dir, "budget_curve.csv")
+
+    def write_csv(handle):
+        writer = csv.writer(handle)
+        writer.writerow(CURVE_FIELDS)
+        for row in curve:
+            writer.writerow([row["budget_gflops"], row["expected_gflops"], row["top1"],
+                             " ".join(map(str, row["exit_fractions"])), " ".join(map(str, row["thresholds"]))])
+
+    _write_atomic(csv_path, write_csv)
+    return [json_path, csv_path]
+
+
+def write_thresholds(curve: list[dict], meta: dict, output_dir: str) -> str:
+    """thresholds.json: what adaptive inference and export read (thresholds by budget, exit costs)."""
+    path = os.path.join(output_dir, "thresholds.json")
+    content = dict(meta, budgets=[{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"],
+                                   "expected_gflops": r["expected_gflops"], "top1": r["top1"]} for r in curve])
+    _write_atomic(path, lambda h: json.dump(content, h, indent=2))
+    return path
+
+
+def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: str, title: str,
+               backbone: tuple[float, float] | None = None) -> str | None:
+    """budget_curve.png: the DVT curve, each exit's own point and (if given) the backbone's; None without
+    matplotlib, which is an optional extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    ax.plot([r["expected_gflops"] for r in curve], [r["top1"] for r in curve], "-o", ms=3, label="DVT (early exit)")
+    ax.plot(gflops, exits["top1"], "s", label="each exit, all images")
+    for k, (x, y) in enumerate(zip(gflops, exits["top1"], strict=True)):
+        ax.annotate(f"exit {k + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if backbone:
+        ax.plot([backbone[0]], [backbone[1]], "^", label="backbone")
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(output_dir, "budget_curve.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
