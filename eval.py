@@ -3,6 +3,7 @@
     python eval.py --config_path config/demo.yaml --checkpoint_path runs/demo/best.ckpt
     python eval.py --from_probs runs/demo/eval/probs.npz --budgets 0.3x,0.5x --method exhaustive
 
+--adaptive --budget B runs real early-exit inference with the thresholds solved for B.
 --mode solve (default) solves thresholds on a calibration subset of the training split (the paper solves
 on training data) for --budgets and scores them on the validation set; --mode stored scores the thresholds
 stored with a converted official checkpoint; --mode report prints the results stored with the checkpoint.
@@ -35,6 +36,11 @@ def eval_flags() -> argparse.ArgumentParser:
     flags.add_argument("--save_probs", metavar="FILE.npz", help="save every exit's softmax for --from_probs")
     flags.add_argument("--from_probs", metavar="FILE.npz", help="re-solve from saved probabilities, no model or data")
     flags.add_argument("--backbone_point", metavar="GFLOPS,TOP1", help="the plain backbone's point for the plot")
+    flags.add_argument("--adaptive", action="store_true",
+                       help="real early-exit inference on the validation set at --budget, thresholds from "
+                            "--thresholds_file")
+    flags.add_argument("--budget", type=float, help="GFLOPs per image for --adaptive")
+    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
     return flags
 
 
@@ -48,32 +54,76 @@ def load_probs(path: str) -> dict:
         return {key: data[key] for key in data.files}
 
 
-def compute_probs(config: dict, args) -> dict:
-    """Run the cascade over the validation set and a calibration subset of the training split."""
+def load_network(config: dict, checkpoint_path: str | None):
+    """The configured model with the checkpoint's weights (EMA ones when present), and the checkpoint JSON."""
     import mindspore as ms
 
-    from src.data.pipeline import create_eval_loader
     from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
-    from src.engine.evaluate import collect_probs
     from src.engine.trainer import build_model
-    from src.flops import exit_gflops
 
-    if not args.checkpoint_path:
+    if not checkpoint_path:
         raise ConfigError("give --checkpoint_path (or --from_probs)")
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(config["device_target"])
     net = build_model(config, config["num_classes"])
-    meta = read_meta(args.checkpoint_path)
-    check_architecture(meta, net.spec.to_dict(), config["model"], args.checkpoint_path)
-    load_model_weights(net, args.checkpoint_path, prefer_ema=True)
+    meta = read_meta(checkpoint_path)
+    check_architecture(meta, net.spec.to_dict(), config["model"], checkpoint_path)
+    load_model_weights(net, checkpoint_path, prefer_ema=True)
+    return net, meta
+
+
+def exit_costs(net, meta: dict) -> list[float]:
+    from src.flops import exit_gflops
+
+    return [float(f) for f in (meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec))]
+
+
+def compute_probs(config: dict, args) -> dict:
+    """Run the cascade over the validation set and a calibration subset of the training split."""
+    from src.data.pipeline import create_eval_loader
+    from src.engine.evaluate import collect_probs
+
+    net, meta = load_network(config, args.checkpoint_path)
     img_size = net.spec.img_size
     val = create_eval_loader(config, img_size)
     calib = create_eval_loader(config, img_size, split="train", subset=args.calib_size, subset_seed=args.calib_seed)
     val_probs, val_labels = collect_probs(net, val.dataset, net.num_exits)
     calib_probs, calib_labels = collect_probs(net, calib.dataset, net.num_exits)
-    flops = meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec)
     return {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
-            "calib_labels": calib_labels, "flops": np.asarray(flops, np.float64), "meta": meta}
+            "calib_labels": calib_labels, "flops": np.asarray(exit_costs(net, meta), np.float64), "meta": meta}
+
+
+def run_adaptive(config: dict, args) -> int:
+    """Early-exit inference over the validation set at one budget; prints accuracy, exits, GFLOPs, speed."""
+    import time
+
+    from src.data.pipeline import create_eval_loader
+    from src.engine.adaptive import AdaptiveCascade, load_threshold_table, thresholds_for
+
+    if args.budget is None:
+        raise ConfigError("--adaptive needs --budget GFLOPS")
+    table_path = args.thresholds_file or os.path.join(config["output_dir"], "thresholds.json")
+    if not os.path.isfile(table_path):
+        raise FileNotFoundError(f"thresholds file not found: {table_path} (solve it first: eval.py without "
+                                "--adaptive writes it)")
+    thresholds = thresholds_for(load_threshold_table(table_path), args.budget)
+    net, meta = load_network(config, args.checkpoint_path)
+    flops = exit_costs(net, meta)
+    cascade = AdaptiveCascade(net, thresholds)
+    exits, correct, seconds = [], 0, 0.0
+    for images, labels in create_eval_loader(config, net.spec.img_size).dataset.create_tuple_iterator(num_epochs=1):
+        start = time.perf_counter()
+        result = cascade(images)
+        seconds += time.perf_counter() - start
+        exits.append(result.exits)
+        correct += int((result.predictions == labels.asnumpy()).sum())
+    exits = np.concatenate(exits)
+    fractions = np.bincount(exits, minlength=len(flops)) / len(exits)
+    print(f"adaptive inference at {args.budget:.4g} GFLOPs (thresholds {', '.join(f'{t:.4g}' for t in thresholds)})")
+    print(f"  top-1 {100.0 * correct / len(exits):.2f}% on {len(exits)} images; exit fractions "
+          f"{' '.join(f'{f:.3f}' for f in fractions)}; {float(fractions @ np.asarray(flops)):.4g} GFLOPs per image")
+    print(f"  {len(exits) / seconds:.1f} images/s (first batch includes compiling the stages)")
+    return 0
 
 
 def curve_rows(thresholds_list, budgets, val_conf, val_correct, flops) -> list[dict]:
@@ -86,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, args = resolve(argv, __doc__.splitlines()[0], eval_flags())
+        if args.adaptive:
+            return run_adaptive(config, args)
         if args.mode == "report":
             return report_stored(args.checkpoint_path)
         data = load_probs(args.from_probs) if args.from_probs else compute_probs(config, args)

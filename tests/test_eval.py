@@ -89,3 +89,18 @@ def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
     curve = [{"expected_gflops": 1.0, "top1": 50.0}]
     assert plot_curve(curve, {"top1": [40.0, 60.0]}, [1.0, 2.0], str(tmp_path), "t") is None
     assert not os.listdir(tmp_path)
+
+
+def test_adaptive_inference_matches_the_solved_curve(trained):
+    tmp, model, ckpt = trained
+    out = str(tmp / "one_budget")
+    run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", out, "--budgets", "0.4x", "--calib_size", "24")
+    with open(os.path.join(out, "budget_curve.json")) as handle:
+        (row,) = json.load(handle)
+    result = run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", out, "--adaptive",
+                      "--budget", repr(row["budget_gflops"]))
+    assert f"top-1 {row['top1']:.2f}% on 36 images" in result.stdout
+    assert "exit fractions " + " ".join(f"{f:.3f}" for f in row["exit_fractions"]) in result.stdout
+    missing = run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", str(tmp / "none"), "--adaptive",
+                       "--budget", "1", check=False)
+    assert missing.returncode == 1 and "thresholds file not found" in missing.stderr

@@ -1,0 +1,70 @@
+"""Real early exit equals the offline simulation on the same data with the same thresholds."""
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from src.budget import NEVER, confidences, simulate
+from src.engine.adaptive import AdaptiveCascade, thresholds_for
+from src.models import create_model
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module", params=["dvt_tiny_t2t", "dvt_tiny_deit"])
+def cascade(request):
+    ms.set_seed(0)
+    net = create_model(request.param, drop_path_rate=0.0)
+    net.set_train(False)
+    images = np.random.default_rng(1).normal(size=(48, 3, 32, 32)).astype(np.float32)
+    probs = np.stack([softmax(o.asnumpy().astype(np.float64)) for o in net(ms.Tensor(images))])
+    return AdaptiveCascade(net), images, probs
+
+
+def offline(probs: np.ndarray, thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Exit index and prediction of every sample, from the full cascade's probabilities."""
+    labels = probs[-1].argmax(1)  # any labels: only the exit decisions and predictions are compared
+    conf, correct = confidences(probs, labels)
+    exit_at = np.full(probs.shape[1], probs.shape[0] - 1)
+    left = np.ones(probs.shape[1], bool)
+    for k in range(probs.shape[0] - 1):
+        leaving = left & (conf[k] >= thresholds[k])
+        exit_at[leaving] = k
+        left &= ~leaving
+    fractions = simulate(thresholds, conf, correct, [1.0, 2.0, 3.0]).exit_fractions
+    assert np.allclose(np.bincount(exit_at, minlength=3) / len(exit_at), fractions)
+    return exit_at, probs[exit_at, np.arange(probs.shape[1])].argmax(1)
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.2, 0.6), (0.9, 0.0), (0.0, 0.7)])
+def test_adaptive_equals_offline_simulation(cascade, shares):
+    adaptive, images, probs = cascade
+    conf = probs.max(-1)
+    thresholds = [float(np.quantile(conf[0], 1 - shares[0])) if shares[0] else NEVER,
+                  float(np.quantile(conf[1], 1 - shares[1])) if shares[1] else NEVER, 0.0]
+    adaptive.set_thresholds(thresholds)  # switched between batches: nothing is rebuilt
+    result = adaptive(ms.Tensor(images))
+    exit_at, predictions = offline(probs, thresholds)
+    np.testing.assert_array_equal(result.exits, exit_at)
+    np.testing.assert_array_equal(result.predictions, predictions)
+    np.testing.assert_allclose(result.confidences, probs.max(-1)[exit_at, np.arange(len(exit_at))], rtol=1e-5)
+    assert len(set(result.exits)) > 1 or shares == (0.9, 0.0)
+
+
+def test_everything_to_the_last_exit_equals_the_last_exit(cascade):
+    adaptive, images, probs = cascade
+    adaptive.set_thresholds([NEVER, NEVER, 0.0])
+    result = adaptive(ms.Tensor(images))
+    assert (result.exits == 2).all()
+    np.testing.assert_array_equal(result.predictions, probs[-1].argmax(1))
+
+
+def test_thresholds_by_budget():
+    table = [(1.0, [0.9, 0.8, 0.0]), (2.0, [0.8, 0.7, 0.0]), (3.0, [0.7, 0.6, 0.0])]
+    assert thresholds_for(table, 2.5) == [0.8, 0.7, 0.0]
+    assert thresholds_for(table, 3.0) == [0.7, 0.6, 0.0]
+    with pytest.raises(ValueError, match="smallest solved is 1"):
+        thresholds_for(table, 0.5)
