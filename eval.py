@@ -56,15 +56,12 @@ def load_probs(path: str) -> dict:
 
 def load_network(config: dict, checkpoint_path: str | None):
     """The configured model with the checkpoint's weights (EMA ones when present), and the checkpoint JSON."""
-    import mindspore as ms
-
     from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
-    from src.engine.trainer import build_model
+    from src.engine.trainer import build_model, use_device
 
     if not checkpoint_path:
         raise ConfigError("give --checkpoint_path (or --from_probs)")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(config["device_target"])
+    use_device(config["device_target"])
     net = build_model(config, config["num_classes"])
     meta = read_meta(checkpoint_path)
     check_architecture(meta, net.spec.to_dict(), config["model"], checkpoint_path)

@@ -13,21 +13,12 @@ from src.budget import (
     resolve_budgets,
     simulate,
     solve,
+    synthetic_probs,
 )
 
 
-def synthetic(num: int, exits: int, classes: int = 10, seed: int = 0):
-    """Later exits are more accurate; confidence tracks how easy a sample is."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, num)
-    ease = rng.normal(0, 1, num)
-    probs = []
-    for k in range(exits):
-        logits = rng.normal(0, 1, (num, classes))
-        logits[np.arange(num), labels] += 1.0 + 0.8 * k + 1.2 * ease
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        probs.append(p / p.sum(1, keepdims=True))
-    return np.stack(probs).astype(np.float32), labels
+def synthetic(num: int, exits: int, seed: int = 0):
+    return synthetic_probs(num, exits, seed=seed)
 
 
 def brute_force_two_exits(conf, correct, flops, budget) -> float:

@@ -39,10 +39,20 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf and loss scaling cannot recover it."""
 
 
+def use_device(target: str) -> None:
+    """Graph mode on `target`. MindSpore fixes the device once kernels have run; asking again for the
+    same one (a second run in one process) is fine, asking for another is its error."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ms.set_device(target)
+    except RuntimeError:
+        if ms.get_context("device_target") != target:
+            raise
+
+
 def setup_device(config: dict) -> tuple[int, int]:
     """Graph mode on the configured device; with `distribute`, join the communication group."""
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(config["device_target"])
+    use_device(config["device_target"])
     if not config["distribute"]:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
