@@ -212,7 +212,7 @@ def _fitness(grid: ThresholdGrid, index: np.ndarray, budget: float) -> np.ndarra
     return np.where(gflops <= budget + 1e-12, acc, -1.0 - (gflops - budget))
 
 
-def solve_ga(grid: ThresholdGrid, budget: float, seed: int = 0, population: int = 96, generations: int = 80,
+def solve_ga(grid: ThresholdGrid, budget: float, seed: int = 0, population: int = 128, generations: int = 120,
              seeds: list[np.ndarray] | None = None) -> np.ndarray:
     """A genetic search over grid level indices, then a coordinate polish of the best policy.
 
@@ -242,7 +242,7 @@ def solve_ga(grid: ThresholdGrid, budget: float, seed: int = 0, population: int 
         children = np.clip(np.rint(children), 0, top).astype(int)
         children[:4] = elites
         pop, fit = children, _fitness(grid, children, budget)
-    finalists = [_polish(grid, pop[i], budget) for i in np.argsort(-fit)[:3]]
+    finalists = [_polish(grid, pop[i], budget) for i in np.argsort(-fit)[:6]]
     return max(finalists, key=lambda index: float(_fitness(grid, index, budget)[0]))
 
 

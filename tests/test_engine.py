@@ -145,3 +145,21 @@ def test_mixed_precision_keeps_norms_and_performer_fp32(level):
     outputs = [o.asnumpy().astype(np.float32) for o in net(images)]
     for got, want in zip(outputs, expected, strict=True):
         assert np.abs(got - want).max() < 5e-3  # fp16 compute, not fp32 (which would be ~1e-7)
+
+
+def test_gradient_clipping_bounds_the_first_step():
+    """Adam's first step moves a weight by lr * g / (|g| + eps): about lr without clipping; clipped to a global
+    norm of 1e-9, every |g| is far below eps = 1e-8 and the step is below 0.1 lr."""
+    lr = 1e-3
+    moved = {}
+    for clip in (None, 1e-9):
+        net = tiny()
+        optimizer = AdamW(param_groups(net, 0.0), learning_rate=lr)
+        step = TrainStep(DVTWithLoss(net), optimizer, loss_scale_sense("none", 1.0, 1), clip_grad=clip)
+        step.set_train(True)
+        before = net.stages[2].head.weight.asnumpy().copy()
+        images, targets = batch(2)
+        step(ms.Tensor(images), ms.Tensor(targets))
+        moved[clip] = np.abs(net.stages[2].head.weight.asnumpy() - before).max()
+    assert moved[None] > 0.5 * lr
+    assert 0 < moved[1e-9] < 0.1 * lr

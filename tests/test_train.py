@@ -252,7 +252,7 @@ def test_msrun_two_workers_equal_one_process_on_the_global_batch(msrun_weights):
 
 
 def test_launch_scripts_check_their_arguments(tmp_path):
-    for script in ("run_standalone_train.sh", "run_distribute_train.sh"):
+    for script in ("run_standalone_train.sh", "run_distribute_train.sh", "run_eval.sh"):
         usage = subprocess.run(["bash", f"scripts/{script}"], cwd=ROOT, capture_output=True, text=True)
         assert usage.returncode == 1 and "usage: bash scripts/" + script in usage.stderr
     missing = subprocess.run(["bash", "scripts/run_distribute_train.sh", "2", str(tmp_path / "none"),
@@ -261,3 +261,6 @@ def test_launch_scripts_check_their_arguments(tmp_path):
     missing = subprocess.run(["bash", "scripts/run_standalone_train.sh", "config/nope.yaml"], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "config file not found" in missing.stderr
+    missing = subprocess.run(["bash", "scripts/run_eval.sh", "config/demo.yaml", str(tmp_path / "none.ckpt")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "checkpoint not found" in missing.stderr

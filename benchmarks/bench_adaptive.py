@@ -1,0 +1,112 @@
+"""Early-exit throughput against running every exit and against the last exit's plain backbone.
+
+usage: python benchmarks/bench_adaptive.py [--model dvt_t2t_vit_12] [--batch 64] [--rounds 3]
+                                           [--fractions 0.6,0.3,0.1 0.4,0.35,0.25 ...]
+
+One process, one batch of random images, rounds alternating between the contenders so machine noise hits
+all of them. Each scenario is a share of images leaving at each exit; its thresholds are set on the batch's
+own confidences to give exactly those shares (random weights have no meaningful confidence, so shares are
+the honest knob). Prints images/s, the measured speedup over running every exit, and the speedup the FLOPs
+predict, plus how many graphs were compiled and how long that took (kept out of the steady-state figures).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.engine.adaptive import AdaptiveCascade  # noqa: E402
+from src.flops import exit_gflops  # noqa: E402
+from src.models import create_model  # noqa: E402
+
+
+def thresholds_for_shares(conf: np.ndarray, shares: list[float]) -> list[float]:
+    """Thresholds that send exactly `shares` of the batch out at exits 1..K-1 (the rest at K)."""
+    left = np.ones(conf.shape[1], bool)
+    thresholds = []
+    for k, share in enumerate(shares[:-1]):
+        want = int(round(share * conf.shape[1]))
+        candidates = np.sort(conf[k][left])[::-1]
+        threshold = float(candidates[want - 1]) if want > 0 else 1e8
+        thresholds.append(threshold)
+        left &= ~(conf[k] >= threshold)
+    return thresholds + [0.0]
+
+
+def timed(fn, rounds_log: list[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    rounds_log.append(time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dvt_t2t_vit_12")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fractions", nargs="+", default=["0.6,0.3,0.1", "0.4,0.35,0.25", "0.2,0.3,0.5"])
+    args = parser.parse_args(argv)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    net = create_model(args.model, drop_path_rate=0.0)
+    net.set_train(False)
+    spec = net.spec
+    backbone = create_model(args.model, grids=(spec.grids[-1],), drop_path_rate=0.0)  # the last exit alone
+    backbone.set_train(False)
+    images = ms.Tensor(np.random.default_rng(0).normal(
+        size=(args.batch, spec.in_chans, spec.img_size, spec.img_size)).astype(np.float32))
+    flops = np.array(exit_gflops(spec))
+
+    compile_log = []
+    start = time.perf_counter()
+    outputs = net(images)
+    compile_log.append(("all exits", time.perf_counter() - start))
+    start = time.perf_counter()
+    backbone(images)
+    compile_log.append(("backbone", time.perf_counter() - start))
+    logits = [o.asnumpy().astype(np.float64) for o in outputs]
+    conf = np.stack([(np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1,
+                     keepdims=True)).max(1) for x in logits])
+    cascade = AdaptiveCascade(net)
+    start = time.perf_counter()
+    cascade.set_thresholds([0.0] * len(flops))
+    cascade(images)
+    cascade.set_thresholds([1e8] * (len(flops) - 1) + [0.0])  # every stage at full batch: compiles them all
+    cascade(images)
+    compile_log.append((f"{len(flops)} dynamic-batch stages", time.perf_counter() - start))
+
+    scenarios = [[float(x) for x in text.split(",")] for text in args.fractions]
+    times = {"all": [], "backbone": []}
+    times.update({i: [] for i in range(len(scenarios))})
+    for _ in range(args.rounds):
+        timed(lambda: net(images)[-1].asnumpy(), times["all"])
+        timed(lambda: backbone(images)[-1].asnumpy(), times["backbone"])
+        for i, shares in enumerate(scenarios):
+            cascade.set_thresholds(thresholds_for_shares(conf, shares))
+            timed(lambda: cascade(images), times[i])
+
+    def rate(key) -> float:
+        return args.batch / float(np.median(times[key]))
+
+    print(f"{args.model}, batch {args.batch}, {args.rounds} rounds, {os.cpu_count()} cores; exit GFLOPs "
+          + " / ".join(f"{f:.4g}" for f in flops))
+    print("compiled: " + "; ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_log))
+    print(f"  all exits          {rate('all'):7.2f} img/s   (every image runs every stage, {flops[-1]:.4g} GFLOPs)")
+    print(f"  backbone {spec.grids[-1]}x{spec.grids[-1]}     {rate('backbone'):7.2f} img/s")
+    print("  exit shares         img/s   GFLOPs  speedup measured  predicted  ratio")
+    for i, shares in enumerate(scenarios):
+        expected = float(np.asarray(shares) @ flops)
+        measured = rate(i) / rate("all")
+        predicted = flops[-1] / expected
+        print(f"  {' / '.join(f'{s:.2f}' for s in shares):<18} {rate(i):7.2f}  {expected:7.4g}  "
+              f"{measured:16.2f}  {predicted:9.2f}  {measured / predicted:5.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

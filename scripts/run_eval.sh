@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# usage: bash scripts/run_eval.sh CONFIG_PATH CHECKPOINT_PATH [DATA_PATH|-] [DEVICE_TARGET] [eval.py --FLAG VALUE ...]
+#   e.g. bash scripts/run_eval.sh config/dvt_t2t_vit_12.yaml runs/dvt_t2t_vit_12/best.ckpt /data/imagenet GPU
+#        bash scripts/run_eval.sh config/demo.yaml runs/demo/best.ckpt - CPU --budgets 0.2x,0.5x
+# Every exit's accuracy, thresholds for the budgets (default: the 59 official ones), the accuracy-vs-GFLOPs
+# curve. Outputs and eval_stdout.log go to OUTPUT_DIR/eval (OUTPUT_DIR: the recipe's output_dir).
+set -euo pipefail
+usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 1; }
+[ $# -ge 2 ] || usage
+repo=$(cd "$(dirname "$0")/.." && pwd)
+config=$(realpath -m "$1") ckpt=$(realpath -m "$2"); shift 2
+[ -f "$config" ] || { echo "error: config file not found: $config" >&2; exit 1; }
+[ -f "$ckpt" ] || { echo "error: checkpoint not found: $ckpt" >&2; exit 1; }
+args=(--config_path "$config" --checkpoint_path "$ckpt")
+if [ $# -ge 1 ] && [[ "$1" != --* ]]; then
+  if [ "$1" != "-" ]; then
+    data=$(realpath -m "$1")
+    [ -e "$data" ] || { echo "error: dataset path not found: $data" >&2; exit 1; }
+    args+=(--data_path "$data")
+  fi
+  shift
+fi
+if [ $# -ge 1 ] && [[ "$1" != --* ]]; then args+=(--device_target "$1"); shift; fi
+[ -x "$repo/.venv/bin/python" ] && export PATH="$repo/.venv/bin:$PATH"
+cd "$repo"
+out=$(python -c "import sys; from src.config import resolve; print(resolve(sys.argv[1:], '')[0]['output_dir'])" \
+      --config_path "$config")/eval
+mkdir -p "$out"
+python eval.py "${args[@]}" --output_dir "$out" "$@" 2>&1 | tee -a "$out/eval_stdout.log"
