@@ -1,0 +1,74 @@
+"""Export a DVT to MindIR for MindSpore Lite: one graph per stage, a manifest, optionally the whole cascade.
+
+    python export.py --config_path config/demo.yaml --ckpt_file runs/demo/best.ckpt \\
+        --file_name runs/demo/export/dvt_tiny_t2t --thresholds_file runs/demo/eval/thresholds.json
+
+--batch_size 0 (default) exports a dynamic batch dimension, so the stages take any sub-batch an early exit
+leaves; N fixes it. Writes <file_name>_stage<k>.mindir, manifest.json beside them, and with --whole_cascade
+<file_name>_cascade.mindir (every exit's logits at once, for apps that do not exit early).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from src.config import ConfigError, resolve
+from src.models import CheckpointMismatch
+
+
+def export_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--ckpt_file", required=True, help="best.ckpt, a training checkpoint or a converted one")
+    flags.add_argument("--file_name", required=True, help="output path prefix, e.g. export/dvt_t2t_vit_12")
+    flags.add_argument("--file_format", default="MINDIR", choices=("MINDIR",))
+    flags.add_argument("--batch_size", type=int, default=0, help="0: dynamic batch (default); N: fixed")
+    flags.add_argument("--whole_cascade", action="store_true", help="also export all exits as one graph")
+    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json, copied into the manifest")
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.data.pipeline import eval_resize
+    from src.deploy.export import export_cascade
+    from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
+    from src.engine.trainer import build_model, use_device
+    from src.flops import exit_gflops
+
+    try:
+        # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.
+        args, rest = export_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
+        config, _ = resolve(rest, __doc__.splitlines()[0])
+        if args.batch_size < 0:
+            raise ConfigError(f"--batch_size must be 0 (dynamic) or positive, got {args.batch_size}")
+        thresholds = []
+        if args.thresholds_file:
+            if not os.path.isfile(args.thresholds_file):
+                raise FileNotFoundError(f"thresholds file not found: {args.thresholds_file}")
+            with open(args.thresholds_file, encoding="utf-8") as handle:
+                thresholds = [{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"]}
+                              for r in json.load(handle)["budgets"]]
+        use_device(config["device_target"])
+        net = build_model(config, config["num_classes"])
+        meta = read_meta(args.ckpt_file)
+        check_architecture(meta, net.spec.to_dict(), config["model"], args.ckpt_file)
+        load_model_weights(net, args.ckpt_file, prefer_ema=True)
+        img_size = net.spec.img_size
+        preprocess = {"img_size": img_size, "resize": eval_resize(config, img_size),
+                      "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",
+                      "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
+        manifest = export_cascade(net, args.file_name, args.batch_size or None, args.whole_cascade, preprocess,
+                                  thresholds, meta.get("exit_gflops") or exit_gflops(net.spec), config["model"])
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
+        print(f"export.py: error: {err}", file=sys.stderr)
+        return 1
+    folder = os.path.dirname(manifest)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".mindir"):
+            print(f"{os.path.join(folder, name)}  {os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB")
+    print(f"manifest: {manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

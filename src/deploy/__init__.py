@@ -1,0 +1,1 @@
+"""Deployment: MindIR export of the cascade and a runner for edge apps."""
