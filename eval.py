@@ -40,6 +40,8 @@ def eval_flags() -> argparse.ArgumentParser:
                        help="real early-exit inference on the validation set at --budget, thresholds from "
                             "--thresholds_file")
     flags.add_argument("--budget", type=float, help="GFLOPs per image for --adaptive")
+    flags.add_argument("--buckets", type=int, default=0,
+                       help="--adaptive: 0 = dynamic-batch stages; N = N static sub-batch sizes per stage")
     flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
     return flags
 
@@ -106,7 +108,7 @@ def run_adaptive(config: dict, args) -> int:
     thresholds = thresholds_for(load_threshold_table(table_path), args.budget)
     net, meta = load_network(config, args.checkpoint_path)
     flops = exit_costs(net, meta)
-    cascade = AdaptiveCascade(net, thresholds)
+    cascade = AdaptiveCascade(net, thresholds, buckets=args.buckets)
     exits, correct, seconds = [], 0, 0.0
     for images, labels in create_eval_loader(config, net.spec.img_size).dataset.create_tuple_iterator(num_epochs=1):
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Early-exit throughput against running every exit and against the last exit's plain backbone.
 
-usage: python benchmarks/bench_adaptive.py [--model dvt_t2t_vit_12] [--batch 64] [--rounds 3]
+usage: python benchmarks/bench_adaptive.py [--model dvt_t2t_vit_12] [--batch 64] [--rounds 3] [--buckets N]
                                            [--fractions 0.6,0.3,0.1 0.4,0.35,0.25 ...]
 
 One process, one batch of random images, rounds alternating between the contenders so machine noise hits
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="dvt_t2t_vit_12")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--buckets", type=int, default=0, help="0: dynamic-batch stages; N: N static sizes")
     parser.add_argument("--fractions", nargs="+", default=["0.6,0.3,0.1", "0.4,0.35,0.25", "0.2,0.3,0.5"])
     args = parser.parse_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -72,15 +73,17 @@ def main(argv=None) -> int:
     logits = [o.asnumpy().astype(np.float64) for o in outputs]
     conf = np.stack([(np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1,
                      keepdims=True)).max(1) for x in logits])
-    cascade = AdaptiveCascade(net)
-    start = time.perf_counter()
-    cascade.set_thresholds([0.0] * len(flops))
-    cascade(images)
-    cascade.set_thresholds([1e8] * (len(flops) - 1) + [0.0])  # every stage at full batch: compiles them all
-    cascade(images)
-    compile_log.append((f"{len(flops)} dynamic-batch stages", time.perf_counter() - start))
-
+    cascade = AdaptiveCascade(net, buckets=args.buckets)
     scenarios = [[float(x) for x in text.split(",")] for text in args.fractions]
+    start = time.perf_counter()
+    cascade.set_thresholds([1e8] * (len(flops) - 1) + [0.0])  # every stage at full batch
+    cascade(images)
+    for shares in scenarios:  # and every sub-batch size the scenarios need (bucket mode compiles them)
+        cascade.set_thresholds(thresholds_for_shares(conf, shares))
+        cascade(images)
+    mode = f"{args.buckets} static sizes per stage" if args.buckets else "dynamic-batch stages"
+    compile_log.append((f"{len(flops)} {mode}", time.perf_counter() - start))
+
     times = {"all": [], "backbone": []}
     times.update({i: [] for i in range(len(scenarios))})
     for _ in range(args.rounds):

@@ -68,3 +68,19 @@ def test_thresholds_by_budget():
     assert thresholds_for(table, 3.0) == [0.7, 0.6, 0.0]
     with pytest.raises(ValueError, match="smallest solved is 1"):
         thresholds_for(table, 0.5)
+
+
+def test_bucketed_static_graphs_equal_the_simulation(cascade):
+    adaptive, images, probs = cascade
+    source = adaptive.net  # its stages already have dynamic inputs: copy the weights into a fresh, static net
+    fresh = create_model("dvt_tiny_t2t" if source.spec.family == "t2t" else "dvt_tiny_deit", drop_path_rate=0.0)
+    ms.load_param_into_net(fresh, {p.name: p for p in source.get_parameters()})
+    bucketed = AdaptiveCascade(fresh, buckets=3)  # sizes 16, 32, 48 for a batch of 48
+    conf = probs.max(-1)
+    thresholds = [float(np.quantile(conf[0], 0.55)), float(np.quantile(conf[1], 0.6)), 0.0]
+    bucketed.set_thresholds(thresholds)
+    result = bucketed(ms.Tensor(images))
+    exit_at, predictions = offline(probs, thresholds)
+    np.testing.assert_array_equal(result.exits, exit_at)
+    np.testing.assert_array_equal(result.predictions, predictions)
+    assert bucketed._padded_size(17, 48) == 32 and bucketed._padded_size(48, 48) == 48

@@ -1,8 +1,11 @@
 """Real early exit: stage 1 on the whole batch, then each later stage only on the samples still undecided.
 
 The exit decision is made on the host from the stage's logits (cheap); the images and reuse tensors of the
-samples that go on are selected with `ops.gather` on the device, never through NumPy. Every stage is
-compiled once with a dynamic batch dimension (`set_inputs` with None), so any sub-batch size reuses it.
+samples that go on are selected with `ops.gather` on the device, never through NumPy. Sub-batch shapes:
+- `buckets=0`: every stage is compiled once with a dynamic batch dimension (`set_inputs` with None), so any
+  sub-batch size reuses it; MindSpore's dynamic-shape kernels are about 1.45x slower on CPU;
+- `buckets=n`: static graphs for n sizes per stage (ceil(i * B / n), i = 1..n, for batch B), each compiled on
+  first use and kept; a sub-batch is padded up to the next size (the gather that selects it also pads it).
 Thresholds come from eval.py's table by budget and can be switched between batches without recompiling.
 """
 
@@ -55,12 +58,15 @@ def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class AdaptiveCascade:
     """Runs a DVT's stages with early exit. `thresholds[k]` gates exit k; the last exit takes the rest."""
 
-    def __init__(self, net: DVT, thresholds: list[float] | None = None):
+    def __init__(self, net: DVT, thresholds: list[float] | None = None, buckets: int = 0):
         self.net = net
         self.stages = list(net.stages)
+        self.buckets = buckets
         spec = net.spec
         net.set_train(False)
         for k, stage in enumerate(self.stages):
+            if buckets:
+                break
             dynamic = [Tensor(shape=[None, spec.in_chans, spec.img_size, spec.img_size], dtype=ms.float32)]
             if k:
                 n_up = spec.num_tokens(k - 1)
@@ -76,6 +82,12 @@ class AdaptiveCascade:
             raise ValueError(f"{len(thresholds)} thresholds for {len(self.stages)} exits")
         self.thresholds = [float(t) for t in thresholds]
 
+    def _padded_size(self, count: int, batch: int) -> int:
+        if not self.buckets:
+            return count
+        return min(size for size in (-(-i * batch // self.buckets) for i in range(1, self.buckets + 1))
+                   if size >= count)
+
     def __call__(self, images: Tensor) -> AdaptiveResult:
         batch = images.shape[0]
         predictions = np.zeros(batch, np.int64)
@@ -87,7 +99,8 @@ class AdaptiveCascade:
         last = len(self.stages) - 1
         for k, stage in enumerate(self.stages):
             outputs = stage(inputs, *upstream)
-            predicted, confidence = _softmax_max(outputs[0].asnumpy())
+            # rows beyond len(remaining) are padding (bucket mode): ignored
+            predicted, confidence = _softmax_max(outputs[0].asnumpy()[:len(remaining)])
             leave = np.ones(len(remaining), bool) if k == last else confidence >= self.thresholds[k]
             chosen = remaining[leave]
             predictions[chosen], confidences[chosen], exits[chosen] = predicted[leave], confidence[leave], k
@@ -95,8 +108,9 @@ class AdaptiveCascade:
             if len(stay) == 0:
                 break
             remaining = remaining[stay]
-            if len(stay) < len(leave):
-                index = Tensor(stay.astype(np.int32))
+            rows = np.concatenate([stay, np.full(self._padded_size(len(stay), batch) - len(stay), stay[0])])
+            if len(rows) < outputs[0].shape[0] or not np.array_equal(rows, np.arange(len(rows))):
+                index = Tensor(rows.astype(np.int32))
                 inputs = ops.gather(inputs, index, 0)
                 upstream = tuple(ops.gather(t, index, 0) for t in outputs[1:])
             else:
