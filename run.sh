@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh run
 .venv/bin/python train.py --config_path config/demo.yaml "$@"
-out=$(.venv/bin/python -c "import sys; from src.config import resolve; print(resolve(sys.argv[1:], '')[0]['output_dir'])" \
-      --config_path config/demo.yaml "$@")
+source scripts/common.sh
+out=$(output_dir --config_path config/demo.yaml "$@")
 echo
 .venv/bin/python eval.py --config_path config/demo.yaml "$@" --checkpoint_path "$out/best.ckpt" \
   --output_dir "$out/eval" --budgets 0.12x,0.15x,0.2x,0.3x,0.5x,0.75x,1x

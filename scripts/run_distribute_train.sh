@@ -9,18 +9,16 @@
 set -euo pipefail
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 1; }
 [ $# -ge 3 ] || usage
-repo=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
 first=$1 data=$(realpath -m "$2") config=$(realpath -m "$3"); shift 3
 [ -e "$data" ] || { echo "error: dataset path not found: $data" >&2; exit 1; }
 [ -f "$config" ] || { echo "error: config file not found: $config" >&2; exit 1; }
-[ -x "$repo/.venv/bin/python" ] && export PATH="$repo/.venv/bin:$PATH"  # msrun runs the `python` on PATH
 args=(--config_path "$config" --data_path "$data" --distribute true)
 cd "$repo"
 if [[ "$first" =~ ^[0-9]+$ ]]; then
   [ "$first" -ge 1 ] || usage
   if [ $# -ge 1 ] && [[ "$1" != --* ]]; then args+=(--device_target "$1"); shift; fi
-  out=$(python -c "import sys; from src.config import resolve; print(resolve(sys.argv[1:], '')[0]['output_dir'])" \
-        "${args[@]}" "$@")
+  out=$(output_dir "${args[@]}" "$@")
   mkdir -p "$out/logs"
   exec msrun --worker_num="$first" --local_worker_num="$first" --master_port="${MASTER_PORT:-8118}" \
     --log_dir="$out/logs" --join=True train.py "${args[@]}" "$@"
@@ -30,8 +28,7 @@ table=$(realpath -m "$first")
 device_num=$(python -c "import json, sys; t = json.load(open(sys.argv[1])); \
 print(sum(len(s['device']) for s in t['server_list']))" "$table")
 args+=(--device_target Ascend)
-out=$(python -c "import sys; from src.config import resolve; print(resolve(sys.argv[1:], '')[0]['output_dir'])" \
-      "${args[@]}" "$@")
+out=$(output_dir "${args[@]}" "$@")
 mkdir -p "$out/logs"
 export RANK_TABLE_FILE="$table" RANK_SIZE="$device_num"
 pids=()
