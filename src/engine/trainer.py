@@ -153,15 +153,14 @@ def train(config: dict) -> dict:
     ds.config.set_seed(config["seed"] + rank)
     is_main = rank == 0
 
-    # Model first (cheap) for img_size; the data then fixes num_classes, which must agree with the config.
-    probe = build_model(config, config["num_classes"])
-    img_size = probe.spec.img_size
+    # The model first, for img_size; the data then fixes num_classes, which must agree with the config.
+    net = build_model(config, config["num_classes"])
+    img_size = net.spec.img_size
     train_loader = create_train_loader(config, img_size, rank, group_size)
     val_loader = create_eval_loader(config, img_size, rank, group_size)
     if train_loader.num_classes != config["num_classes"]:
         raise ValueError(f"the {config['dataset']} data has {train_loader.num_classes} classes but num_classes "
                          f"is {config['num_classes']}; set num_classes: {train_loader.num_classes}")
-    net = probe
     spec_dict = net.spec.to_dict()
     gflops = exit_gflops(net.spec)
     if config["pretrained"]:
