@@ -21,6 +21,7 @@ import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
 from src.engine.adaptive import AdaptiveCascade  # noqa: E402
+from src.engine.evaluate import softmax  # noqa: E402
 from src.flops import exit_gflops  # noqa: E402
 from src.models import create_model  # noqa: E402
 
@@ -70,9 +71,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     backbone(images)
     compile_log.append(("backbone", time.perf_counter() - start))
-    logits = [o.asnumpy().astype(np.float64) for o in outputs]
-    conf = np.stack([(np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1,
-                     keepdims=True)).max(1) for x in logits])
+    conf = np.stack([softmax(o.asnumpy()).max(1) for o in outputs])
     cascade = AdaptiveCascade(net, buckets=args.buckets)
     scenarios = [[float(x) for x in text.split(",")] for text in args.fractions]
     start = time.perf_counter()

@@ -19,6 +19,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..models import DVT
+from .evaluate import softmax
 
 
 @dataclass
@@ -49,9 +50,7 @@ def thresholds_for(table: list[tuple[float, list[float]]], budget: float) -> lis
 
 
 def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    logits = logits.astype(np.float64)
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    probs = shifted / shifted.sum(1, keepdims=True)
+    probs = softmax(logits)
     return probs.argmax(1), probs.max(1)
 
 

@@ -20,7 +20,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ..models.weights import CheckpointMismatch, compare_parameters, parameter_shapes
+from ..models.weights import CheckpointMismatch, compare_parameters, parameter_shapes, read_checkpoint
 
 TRAIN_STATE = "train_state"
 MODEL_WEIGHTS = "model"
@@ -70,16 +70,6 @@ def read_meta(ckpt_path: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def read_checkpoint(path: str) -> dict:
-    """All parameters of a checkpoint file, with an error that names the file if it cannot be read."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return ms.load_checkpoint(path)
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
-        raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
 
 
 def architecture(spec_dict: dict) -> dict:

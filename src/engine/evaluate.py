@@ -23,15 +23,20 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax in float64 (the exit decisions compare these against thresholds)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
 def collect_probs(net: nn.Cell, dataset, num_exits: int) -> tuple[np.ndarray, np.ndarray]:
     """Every exit's softmax over a dataset: (K, N, C) float32 probabilities and (N,) labels."""
     net.set_train(False)
     probs, labels = [[] for _ in range(num_exits)], []
     for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1):
         for k, logits in enumerate(net(images)):
-            logits = logits.asnumpy().astype(np.float64)
-            shifted = np.exp(logits - logits.max(1, keepdims=True))
-            probs[k].append((shifted / shifted.sum(1, keepdims=True)).astype(np.float32))
+            probs[k].append(softmax(logits.asnumpy()).astype(np.float32))
         labels.append(batch_labels.asnumpy())
     if not labels:
         raise ValueError("the dataset is empty")

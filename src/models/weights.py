@@ -46,13 +46,18 @@ def spec_parameter_shapes(spec: DVTSpec) -> dict[str, tuple]:
         return parameter_shapes(DVT(spec))
 
 
-def load_weights(net: nn.Cell, path: str) -> None:
-    """Load a MindSpore checkpoint into `net`, refusing any mismatch with a message that names it."""
+def read_checkpoint(path: str) -> dict:
+    """All parameters of a checkpoint file, with an error that names the file if it cannot be read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        params = ms.load_checkpoint(path)
+        return ms.load_checkpoint(path)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
+
+
+def load_weights(net: nn.Cell, path: str) -> None:
+    """Load a MindSpore checkpoint into `net`, refusing any mismatch with a message that names it."""
+    params = read_checkpoint(path)
     compare_parameters(parameter_shapes(net), {name: tuple(np.shape(v)) for name, v in params.items()}, path)
     ms.load_param_into_net(net, params, strict_load=True)
