@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
@@ -14,6 +16,12 @@ class _SumOverRanks(nn.Cell):
 
     def construct(self, x):
         return self.all_reduce(x)
+
+
+@functools.cache
+def _sum_over_ranks() -> _SumOverRanks:
+    """One cell per process, so its graph is compiled once, not after every epoch."""
+    return _SumOverRanks()
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -64,7 +72,7 @@ def evaluate(net: nn.Cell, dataset, num_exits: int, group_size: int = 1) -> dict
         total += len(labels_np)
     if group_size > 1:
         packed = np.concatenate([counts.ravel(), [total]]).astype(np.float32)
-        packed = _SumOverRanks()(ms.Tensor(packed)).asnumpy().astype(np.float64)
+        packed = _sum_over_ranks()(ms.Tensor(packed)).asnumpy().astype(np.float64)
         counts, total = packed[:-1].reshape(2, num_exits), int(round(packed[-1]))
     if total == 0:
         raise ValueError("the validation set is empty")

@@ -25,7 +25,7 @@ from ..data.sources import DataError
 from ..flops import exit_gflops
 from ..models import DVT, create_model
 from ..models.tokenizers import TokenPerformer
-from .checkpoint import CheckpointManager, load_pretrained, load_train_state, read_meta
+from .checkpoint import CheckpointManager, load_pretrained, load_train_state
 from .evaluate import evaluate
 from .optim import AdamW, param_groups
 from .schedule import cosine_schedule
@@ -221,6 +221,8 @@ def train(config: dict) -> dict:
     global_batch = config["batch_size"] * group_size
     result, ema_result, skipped_in_a_row, skipped_total = None, None, 0, 0
     last_saved = resume
+    # The schedule index, kept on the host: every step advances it, applied or skipped (see TrainStep).
+    step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
     for epoch in range(start_epoch, total_epochs):
         train_step.set_train(True)
         started = time.perf_counter()
@@ -228,9 +230,9 @@ def train(config: dict) -> dict:
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not show_bar,
                    dynamic_ncols=True, leave=False)
         for images, targets in _batches(train_loader.dataset):
-            step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
             lr = float(schedule[min(step, len(schedule) - 1)])
             loss, overflowed, loss_scale = train_step(images, targets)
+            step += 1
             loss_value = float(loss.asnumpy())
             overflowed = bool(overflowed.asnumpy())
             if not math.isfinite(loss_value) or overflowed:
@@ -238,7 +240,7 @@ def train(config: dict) -> dict:
                 skipped_in_a_row += 1
                 if config["loss_scale_type"] != "dynamic" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                     raise TrainingDiverged(
-                        f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); stopped "
+                        f"the loss is {loss_value} at epoch {epoch + 1}, step {step} (lr {lr:.3g}); stopped "
                         f"without saving. The last good checkpoint is {last_saved or 'none (nothing was saved)'}. "
                         "Lower lr, set clip_grad, or use loss_scale_type: dynamic for fp16.")
             else:
@@ -248,12 +250,11 @@ def train(config: dict) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}",
                             img_s=f"{global_batch * bar.n / max(elapsed, 1e-9):.1f}")
-            if (step + 1) % config["log_interval"] == 0:
-                metrics.write({"type": "step", "epoch": epoch + 1, "step": step + 1, "lr": lr, "loss": loss_value,
+            if step % config["log_interval"] == 0:
+                metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr, "loss": loss_value,
                                "loss_scale": float(loss_scale.asnumpy()), "overflow": overflowed})
         bar.close()
         elapsed = time.perf_counter() - started
-        step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
         train_loss = sum(losses) / max(len(losses), 1)
         last = epoch + 1 == total_epochs
         skipped = len(train_loader.skipped)
@@ -285,5 +286,4 @@ def train(config: dict) -> dict:
                     ", ".join(sorted(train_loader.skipped)[:20]))
     best_path = os.path.join(run_dir, "best.ckpt")
     return {"val": result, "ema_val": ema_result, "run_dir": run_dir, "best": best,
-            "best_checkpoint": best_path if os.path.isfile(best_path) else None,
-            "best_meta": read_meta(best_path) if os.path.isfile(best_path) else None, "rank": rank}
+            "best_checkpoint": best_path if os.path.isfile(best_path) else None, "rank": rank}
