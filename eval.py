@@ -56,32 +56,14 @@ def load_probs(path: str) -> dict:
         return {key: data[key] for key in data.files}
 
 
-def load_network(config: dict, checkpoint_path: str | None):
-    """The configured model with the checkpoint's weights (EMA ones when present), and the checkpoint JSON."""
-    from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
-    from src.engine.trainer import build_model, use_device
-
-    if not checkpoint_path:
-        raise ConfigError("give --checkpoint_path (or --from_probs)")
-    use_device(config["device_target"])
-    net = build_model(config, config["num_classes"])
-    meta = read_meta(checkpoint_path)
-    check_architecture(meta, net.spec.to_dict(), config["model"], checkpoint_path)
-    load_model_weights(net, checkpoint_path, prefer_ema=True)
-    return net, meta
-
-
-def exit_costs(net, meta: dict) -> list[float]:
-    from src.flops import exit_gflops
-
-    return [float(f) for f in (meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec))]
-
-
 def compute_probs(config: dict, args) -> dict:
     """Run the cascade over the validation set and a calibration subset of the training split."""
     from src.data.pipeline import create_eval_loader
     from src.engine.evaluate import collect_probs
+    from src.engine.trainer import exit_costs, load_network
 
+    if not args.checkpoint_path:
+        raise ConfigError("give --checkpoint_path (or --from_probs)")
     net, meta = load_network(config, args.checkpoint_path)
     img_size = net.spec.img_size
     val = create_eval_loader(config, img_size)
@@ -98,6 +80,7 @@ def run_adaptive(config: dict, args) -> int:
 
     from src.data.pipeline import create_eval_loader
     from src.engine.adaptive import AdaptiveCascade, load_threshold_table, thresholds_for
+    from src.engine.trainer import exit_costs, load_network
 
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")
@@ -106,6 +89,8 @@ def run_adaptive(config: dict, args) -> int:
         raise FileNotFoundError(f"thresholds file not found: {table_path} (solve it first: eval.py without "
                                 "--adaptive writes it)")
     thresholds = thresholds_for(load_threshold_table(table_path), args.budget)
+    if not args.checkpoint_path:
+        raise ConfigError("give --checkpoint_path")
     net, meta = load_network(config, args.checkpoint_path)
     flops = exit_costs(net, meta)
     cascade = AdaptiveCascade(net, thresholds, buckets=args.buckets)

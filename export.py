@@ -31,9 +31,7 @@ def export_flags() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from src.data.pipeline import eval_resize
     from src.deploy.export import export_cascade
-    from src.engine.checkpoint import check_architecture, load_model_weights, read_meta
-    from src.engine.trainer import build_model, use_device
-    from src.flops import exit_gflops
+    from src.engine.trainer import exit_costs, load_network
 
     try:
         # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.
@@ -48,17 +46,13 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.thresholds_file, encoding="utf-8") as handle:
                 thresholds = [{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"]}
                               for r in json.load(handle)["budgets"]]
-        use_device(config["device_target"])
-        net = build_model(config, config["num_classes"])
-        meta = read_meta(args.ckpt_file)
-        check_architecture(meta, net.spec.to_dict(), config["model"], args.ckpt_file)
-        load_model_weights(net, args.ckpt_file, prefer_ema=True)
+        net, meta = load_network(config, args.ckpt_file)
         img_size = net.spec.img_size
         preprocess = {"img_size": img_size, "resize": eval_resize(config, img_size),
                       "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",
                       "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
         manifest = export_cascade(net, args.file_name, args.batch_size or None, args.whole_cascade, preprocess,
-                                  thresholds, meta.get("exit_gflops") or exit_gflops(net.spec), config["model"])
+                                  thresholds, exit_costs(net, meta), config["model"])
     except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 1

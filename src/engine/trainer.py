@@ -25,7 +25,14 @@ from ..data.sources import DataError
 from ..flops import exit_gflops
 from ..models import DVT, create_model
 from ..models.tokenizers import TokenPerformer
-from .checkpoint import CheckpointManager, load_pretrained, load_train_state
+from .checkpoint import (
+    CheckpointManager,
+    check_architecture,
+    load_model_weights,
+    load_pretrained,
+    load_train_state,
+    read_meta,
+)
 from .evaluate import evaluate
 from .optim import AdamW, param_groups
 from .schedule import cosine_schedule
@@ -103,6 +110,22 @@ def build_model(config: dict, num_classes: int) -> DVT:
     return create_model(config["model"], num_classes=num_classes, feature_reuse=config["feature_reuse"],
                         relation_reuse=config["relation_reuse"], drop_path_rate=config["drop_path_rate"],
                         drop_rate=config["drop_rate"], **overrides)
+
+
+def load_network(config: dict, checkpoint_path: str) -> tuple[DVT, dict]:
+    """The configured model on the configured device with a checkpoint's weights (the EMA's when present),
+    refusing a checkpoint of another architecture; returns it and the checkpoint's JSON."""
+    use_device(config["device_target"])
+    net = build_model(config, config["num_classes"])
+    meta = read_meta(checkpoint_path)
+    check_architecture(meta, net.spec.to_dict(), config["model"], checkpoint_path)
+    load_model_weights(net, checkpoint_path, prefer_ema=True)
+    return net, meta
+
+
+def exit_costs(net: DVT, meta: dict) -> list[float]:
+    """Cumulative GFLOPs of every exit: the checkpoint's record when it has one, else counted."""
+    return [float(f) for f in (meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec))]
 
 
 def apply_amp(net: DVT, level: str) -> None:
