@@ -20,7 +20,16 @@ from PIL import Image
 
 from .mixup import MixupCutmix
 from .randaugment import rand_augment_from_string
-from .sources import CIFAR_CLASSES, SKIPPED_LABEL, ArraySource, ImageFolderSource, demo_digits, list_images, read_cifar
+from .sources import (
+    CIFAR_CLASSES,
+    SKIPPED_LABEL,
+    ArraySource,
+    ImageFolderSource,
+    demo_digits,
+    find_classes,
+    list_images,
+    read_cifar,
+)
 
 INTERPOLATIONS = {"bicubic": vision.Inter.BICUBIC, "bilinear": vision.Inter.BILINEAR}
 PIL_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
@@ -94,9 +103,9 @@ def train_image_ops(config: dict, img_size: int) -> list:
 
 
 def _mixer(config: dict, num_classes: int) -> MixupCutmix:
-    mixing = config["mixup"] > 0 or config["cutmix"] > 0
+    """Batch Mixup/CutMix with smoothing; with both alphas 0 it only smooths the labels."""
     return MixupCutmix(num_classes, mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
-                       prob=config["mixup_prob"] if mixing else 0.0, switch_prob=config["mixup_switch_prob"],
+                       prob=config["mixup_prob"], switch_prob=config["mixup_switch_prob"],
                        label_smoothing=config["label_smoothing"])
 
 
@@ -161,7 +170,7 @@ def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: i
     resize = ResizeCenterCrop(img_size, eval_resize(config, img_size), PIL_INTERPOLATIONS[config["interpolation"]])
     class_names = None
     if config["dataset"] == "folder" and config["data_path"]:
-        _, class_names = list_images(os.path.join(config["data_path"], config["train_split"]))
+        class_names = find_classes(os.path.join(config["data_path"], config["train_split"]))  # names only
     source, num_classes = _source(config, split, resize, class_names)
     chosen = np.arange(len(source))
     if subset is not None and subset < len(source):
