@@ -40,8 +40,9 @@ def eval_flags() -> argparse.ArgumentParser:
                        help="real early-exit inference on the validation set at --budget, thresholds from "
                             "--thresholds_file")
     flags.add_argument("--budget", type=float, help="GFLOPs per image for --adaptive")
-    flags.add_argument("--buckets", type=int, default=0,
-                       help="--adaptive: 0 = dynamic-batch stages; N = N static sub-batch sizes per stage")
+    flags.add_argument("--micro_batch", type=int, default=16,
+                       help="--adaptive: stages run sub-batches in static graphs of this many samples (and the "
+                            "remainder's binary digits); 0 = one dynamic-batch graph per stage")
     flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
     return flags
 
@@ -93,7 +94,7 @@ def run_adaptive(config: dict, args) -> int:
         raise ConfigError("give --checkpoint_path")
     net, meta = load_network(config, args.checkpoint_path)
     flops = exit_costs(net, meta)
-    cascade = AdaptiveCascade(net, thresholds, buckets=args.buckets)
+    cascade = AdaptiveCascade(net, thresholds, micro_batch=args.micro_batch)
     exits, correct, seconds = [], 0, 0.0
     for images, labels in create_eval_loader(config, net.spec.img_size).dataset.create_tuple_iterator(num_epochs=1):
         start = time.perf_counter()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from src.budget import NEVER, confidences, simulate
-from src.engine.adaptive import AdaptiveCascade, thresholds_for
+from src.engine.adaptive import AdaptiveCascade, micro_batches, thresholds_for
 from src.models import create_model
 
 
@@ -70,17 +70,37 @@ def test_thresholds_by_budget():
         thresholds_for(table, 0.5)
 
 
-def test_bucketed_static_graphs_equal_the_simulation(cascade):
+def test_micro_batches_cover_the_count_without_padding():
+    assert micro_batches(48, 8) == [8] * 6
+    assert micro_batches(29, 8) == [8, 8, 8, 4, 1]
+    assert micro_batches(7, 8) == [4, 2, 1]
+    assert micro_batches(13, 5) == [5, 5, 2, 1]
+    assert micro_batches(0, 8) == []
+    for count in range(1, 70):
+        for size in (1, 3, 8, 16):
+            sizes = micro_batches(count, size)
+            assert sum(sizes) == count and max(sizes) <= size
+            assert len(set(s for s in sizes if s != size)) == len([s for s in sizes if s != size])
+
+
+@pytest.mark.parametrize("micro_batch", [0, 5])
+def test_other_sub_batch_modes_equal_the_simulation(cascade, micro_batch):
+    """Dynamic-batch stages (0) and micro-batches whose remainders run in 4-, 2- and 1-sample graphs."""
     adaptive, images, probs = cascade
-    source = adaptive.net  # its stages already have dynamic inputs: copy the weights into a fresh, static net
+    source = adaptive.net  # a fresh net with the same weights: set_inputs (dynamic mode) changes its stages
     fresh = create_model("dvt_tiny_t2t" if source.spec.family == "t2t" else "dvt_tiny_deit", drop_path_rate=0.0)
     ms.load_param_into_net(fresh, {p.name: p for p in source.get_parameters()})
-    bucketed = AdaptiveCascade(fresh, buckets=3)  # sizes 16, 32, 48 for a batch of 48
+    other = AdaptiveCascade(fresh, micro_batch=micro_batch)
     conf = probs.max(-1)
     thresholds = [float(np.quantile(conf[0], 0.55)), float(np.quantile(conf[1], 0.6)), 0.0]
-    bucketed.set_thresholds(thresholds)
-    result = bucketed(ms.Tensor(images))
+    other.set_thresholds(thresholds)
+    result = other(ms.Tensor(images))
     exit_at, predictions = offline(probs, thresholds)
     np.testing.assert_array_equal(result.exits, exit_at)
     np.testing.assert_array_equal(result.predictions, predictions)
-    assert bucketed._padded_size(17, 48) == 32 and bucketed._padded_size(48, 48) == 48
+    np.testing.assert_allclose(result.confidences, probs.max(-1)[exit_at, np.arange(len(exit_at))], rtol=1e-5)
+
+
+def test_a_negative_micro_batch_is_refused(cascade):
+    with pytest.raises(ValueError, match="micro_batch"):
+        AdaptiveCascade(cascade[0].net, micro_batch=-1)

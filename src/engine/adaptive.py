@@ -1,11 +1,15 @@
 """Real early exit: stage 1 on the whole batch, then each later stage only on the samples still undecided.
 
 The exit decision is made on the host from the stage's logits (cheap); the images and reuse tensors of the
-samples that go on are selected with `ops.gather` on the device, never through NumPy. Sub-batch shapes:
-- `buckets=0`: every stage is compiled once with a dynamic batch dimension (`set_inputs` with None), so any
-  sub-batch size reuses it; MindSpore's dynamic-shape kernels are about 1.45x slower on CPU;
-- `buckets=n`: static graphs for n sizes per stage (ceil(i * B / n), i = 1..n, for batch B), each compiled on
-  first use and kept; a sub-batch is padded up to the next size (the gather that selects it also pads it).
+samples that go on are selected with `ops.gather` on the device, never through NumPy. How a stage runs a
+sub-batch of n samples:
+- `micro_batch=m` (the default, 16): in static-shape graphs of m samples, and the remainder n mod m in graphs
+  of its binary digits (13 = 8 + 4 + 1), so nothing is padded. Each stage compiles at most 1 + log2(m) graphs,
+  on first use; memory depends on m, not on the batch. CPU throughput per image is flat from about 4 samples
+  up, so small graphs lose little (README, "Benchmarks");
+- `micro_batch=0`: one call per stage, compiled once with a dynamic batch dimension (`set_inputs` with None).
+  It compiles least, but MindSpore's dynamic-shape kernels are about 1.45x slower on CPU and its memory grows
+  with the batch.
 Thresholds come from eval.py's table by budget and can be switched between batches without recompiling.
 """
 
@@ -54,26 +58,35 @@ def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probs.argmax(1), probs.max(1)
 
 
+def micro_batches(count: int, size: int) -> list[int]:
+    """Sizes that cover `count` samples exactly: full micro-batches of `size`, then the remainder's binary digits."""
+    remainder = count % size
+    return [size] * (count // size) + [1 << bit for bit in reversed(range(remainder.bit_length()))
+                                       if remainder >> bit & 1]
+
+
 class AdaptiveCascade:
     """Runs a DVT's stages with early exit. `thresholds[k]` gates exit k; the last exit takes the rest."""
 
-    def __init__(self, net: DVT, thresholds: list[float] | None = None, buckets: int = 0):
+    def __init__(self, net: DVT, thresholds: list[float] | None = None, micro_batch: int = 16):
+        if micro_batch < 0:
+            raise ValueError(f"micro_batch must be 0 (dynamic batch) or a size, not {micro_batch}")
         self.net = net
         self.stages = list(net.stages)
-        self.buckets = buckets
-        spec = net.spec
+        self.micro_batch = micro_batch
         net.set_train(False)
-        for k, stage in enumerate(self.stages):
-            if buckets:
-                break
-            dynamic = [Tensor(shape=[None, spec.in_chans, spec.img_size, spec.img_size], dtype=ms.float32)]
-            if k:
-                n_up = spec.num_tokens(k - 1)
-                if stage.takes_tokens:
-                    dynamic.append(Tensor(shape=[None, n_up, spec.embed_dim], dtype=ms.float32))
-                if stage.takes_relations:
-                    dynamic.append(Tensor(shape=[None, spec.depth * spec.num_heads, n_up, n_up], dtype=ms.float32))
-            stage.set_inputs(*dynamic)
+        if not micro_batch:
+            spec = net.spec
+            for k, stage in enumerate(self.stages):
+                dynamic = [Tensor(shape=[None, spec.in_chans, spec.img_size, spec.img_size], dtype=ms.float32)]
+                if k:
+                    n_up = spec.num_tokens(k - 1)
+                    if stage.takes_tokens:
+                        dynamic.append(Tensor(shape=[None, n_up, spec.embed_dim], dtype=ms.float32))
+                    if stage.takes_relations:
+                        dynamic.append(Tensor(shape=[None, spec.depth * spec.num_heads, n_up, n_up],
+                                              dtype=ms.float32))
+                stage.set_inputs(*dynamic)
         self.thresholds = list(thresholds) if thresholds is not None else [0.0] * len(self.stages)
 
     def set_thresholds(self, thresholds: list[float]) -> None:
@@ -81,37 +94,47 @@ class AdaptiveCascade:
             raise ValueError(f"{len(thresholds)} thresholds for {len(self.stages)} exits")
         self.thresholds = [float(t) for t in thresholds]
 
-    def _padded_size(self, count: int, batch: int) -> int:
-        if not self.buckets:
-            return count
-        return min(size for size in (-(-i * batch // self.buckets) for i in range(1, self.buckets + 1))
-                   if size >= count)
+    def _run_stage(self, stage, images: Tensor, samples: np.ndarray, upstream: tuple, rows: np.ndarray,
+                   keep_upstream: bool) -> tuple[np.ndarray, tuple]:
+        """Stage logits for `samples` (indices into `images`) and, if `keep_upstream`, its reuse tensors.
+
+        `rows` are the same samples' rows in `upstream`, the previous stage's reuse tensors.
+        """
+        sizes = micro_batches(len(samples), self.micro_batch) if self.micro_batch else [len(samples)]
+        logits, emitted, start = [], [], 0
+        for size in sizes:
+            if size == images.shape[0]:  # the whole batch, in order: nothing to select
+                outputs = stage(images, *upstream)
+            else:
+                pick = Tensor(samples[start:start + size].astype(np.int32))
+                pick_up = Tensor(rows[start:start + size].astype(np.int32))
+                outputs = stage(ops.gather(images, pick, 0), *(ops.gather(t, pick_up, 0) for t in upstream))
+            logits.append(outputs[0].asnumpy())
+            emitted.append(outputs[1:])
+            start += size
+        if not keep_upstream:
+            return np.concatenate(logits), ()
+        if len(emitted) > 1:
+            emitted = [tuple(ops.concat(parts, 0) for parts in zip(*emitted, strict=True))]
+        return np.concatenate(logits), emitted[0]
 
     def __call__(self, images: Tensor) -> AdaptiveResult:
         batch = images.shape[0]
         predictions = np.zeros(batch, np.int64)
         confidences = np.zeros(batch, np.float64)
         exits = np.zeros(batch, np.int64)
-        remaining = np.arange(batch)
-        inputs = images
+        remaining = np.arange(batch)  # the samples that run this stage, as indices into `images`
+        rows = remaining  # their rows in `upstream`
         upstream: tuple = ()
         last = len(self.stages) - 1
         for k, stage in enumerate(self.stages):
-            outputs = stage(inputs, *upstream)
-            # rows beyond len(remaining) are padding (bucket mode): ignored
-            predicted, confidence = _softmax_max(outputs[0].asnumpy()[:len(remaining)])
+            logits, upstream = self._run_stage(stage, images, remaining, upstream, rows, keep_upstream=k < last)
+            predicted, confidence = _softmax_max(logits)
             leave = np.ones(len(remaining), bool) if k == last else confidence >= self.thresholds[k]
             chosen = remaining[leave]
             predictions[chosen], confidences[chosen], exits[chosen] = predicted[leave], confidence[leave], k
-            stay = np.nonzero(~leave)[0]
-            if len(stay) == 0:
+            rows = np.nonzero(~leave)[0]
+            if len(rows) == 0:
                 break
-            remaining = remaining[stay]
-            rows = np.concatenate([stay, np.full(self._padded_size(len(stay), batch) - len(stay), stay[0])])
-            if len(rows) < outputs[0].shape[0] or not np.array_equal(rows, np.arange(len(rows))):
-                index = Tensor(rows.astype(np.int32))
-                inputs = ops.gather(inputs, index, 0)
-                upstream = tuple(ops.gather(t, index, 0) for t in outputs[1:])
-            else:
-                upstream = tuple(outputs[1:])
+            remaining = remaining[rows]
         return AdaptiveResult(predictions, confidences, exits)
