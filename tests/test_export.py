@@ -121,3 +121,14 @@ def test_export_cli_errors(tmp_path):
     ms.save_checkpoint(other, ckpt)
     wrong = run("--ckpt_file", ckpt, "--file_name", str(tmp_path / "x"))
     assert wrong.returncode == 1 and "does not fit this model" in wrong.stderr
+
+
+def test_mindir_files_do_not_need_the_cpu_kernel_library(exported):
+    from src.models import cpu_kernels
+
+    assert cpu_kernels.library_path() is not None  # the net was built with the kernels: the check below can fail
+    folder = os.path.dirname(exported[1])
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".mindir"):
+            with open(os.path.join(folder, name), "rb") as handle:
+                assert b"libdvt_cpu_kernels" not in handle.read(), name

@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import Tensor
 
 from ..models import DVT
+from ..models.layers import use_stock_ops
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dvt-mindir/1"
@@ -60,6 +61,7 @@ def export_cascade(net: DVT, file_name: str, batch: int | None = None, whole_cas
     """Write `<file_name>_stage<k>.mindir` for every stage (and `<file_name>_cascade.mindir`), plus
     manifest.json beside them; returns the manifest's path."""
     net.set_train(False)
+    use_stock_ops(net)  # a MindIR must run without our CPU kernel library (Lite, other machines)
     folder = os.path.dirname(os.path.abspath(file_name))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(file_name)

@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..models import DVT
+from ..models.layers import use_stock_ops
 from .evaluate import softmax
 
 
@@ -76,6 +77,7 @@ class AdaptiveCascade:
         self.micro_batch = micro_batch
         net.set_train(False)
         if not micro_batch:
+            use_stock_ops(net)  # the AOT CPU kernels take static shapes only
             spec = net.spec
             for k, stage in enumerate(self.stages):
                 dynamic = [Tensor(shape=[None, spec.in_chans, spec.img_size, spec.img_size], dtype=ms.float32)]

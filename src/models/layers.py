@@ -13,6 +13,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, Uniform, initializer
 
+from . import cpu_kernels
+
 
 def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
     """A Dense layer with the reference init: weight trunc_normal(std 0.02), bias zero."""
@@ -20,13 +22,46 @@ def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dens
                     has_bias=has_bias)
 
 
-def layer_norm(width: int, eps: float) -> nn.LayerNorm:
-    return nn.LayerNorm((width,), epsilon=eps)
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis (same `gamma`/`beta`); fp32 inference on CPU runs the fast kernel."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__((width,), epsilon=eps)
+        self.fast_kernel = cpu_kernels.custom_op("LayerNormLastAxis")
+        self.epsilon_tensor = Tensor([eps], ms.float32)
+
+    def construct(self, x):
+        if self.fast_kernel is None or self.training or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.fast_kernel(x, self.gamma, self.beta, self.epsilon_tensor)
 
 
-def gelu() -> nn.GELU:
-    """Exact (erf) GELU, as torch's default; MindSpore's default is the tanh approximation."""
-    return nn.GELU(approximate=False)
+class GELU(nn.GELU):
+    """Exact (erf) GELU, as torch's default (MindSpore's default is tanh); fp32 CPU inference runs the kernel."""
+
+    def __init__(self):
+        super().__init__(approximate=False)
+        self.fast_kernel = cpu_kernels.custom_op("ErfGelu")
+
+    def construct(self, x):
+        if self.fast_kernel is None or self.training or x.dtype != ms.float32:
+            return super().construct(x)
+        return self.fast_kernel(x)
+
+
+def use_stock_ops(net: nn.Cell) -> None:
+    """Switch `net` to MindSpore's own LayerNorm and GELU, e.g. before export: MindIR files must not need our .so."""
+    for cell in net.cells_and_names():
+        if isinstance(cell[1], (LayerNorm, GELU)):
+            cell[1].fast_kernel = None
+
+
+def layer_norm(width: int, eps: float) -> LayerNorm:
+    return LayerNorm(width, eps)
+
+
+def gelu() -> GELU:
+    return GELU()
 
 
 def torch_default_uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:

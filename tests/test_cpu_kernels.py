@@ -1,0 +1,101 @@
+"""The AOT CPU kernels for LayerNorm and erf GELU: NumPy's numbers, used only where they may be, a safe fallback."""
+
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from src.models import cpu_kernels
+from src.models.layers import GELU, LayerNorm, use_stock_ops
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """library_path() forgets its cached answer and builds into an empty folder; restored afterwards."""
+    monkeypatch.setenv(cpu_kernels.CACHE_DIR, str(tmp_path))
+    cpu_kernels.library_path.cache_clear()
+    yield tmp_path
+    cpu_kernels.library_path.cache_clear()
+
+
+def eval_cell(cell):
+    cell.set_train(False)
+    return cell
+
+
+def test_gelu_kernel_equals_the_erf_formula():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=4991) * 3, [-30, -8, -4, -1e-3, 0, 1e-3, 4, 8, 30]]).astype(np.float32)
+    x = x.reshape(5, 100, 10)
+    fast = eval_cell(GELU())
+    assert fast.fast_kernel is not None  # the build works on this machine: the comparison is of the kernel
+    stock = eval_cell(GELU())
+    use_stock_ops(stock)
+    want = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+    np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,eps", [((2, 50, 48), 1e-6), ((3, 7, 5, 384), 1e-5), ((1, 1, 1), 1e-5)])
+def test_layer_norm_kernel_equals_numpy(shape, eps):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=shape) * 5 + 100).astype(np.float32)  # far from zero: a one-pass variance would drift
+    fast = eval_cell(LayerNorm(shape[-1], eps))
+    assert fast.fast_kernel is not None
+    fast.gamma.set_data(ms.Tensor(rng.normal(size=shape[-1]).astype(np.float32)))
+    fast.beta.set_data(ms.Tensor(rng.normal(size=shape[-1]).astype(np.float32)))
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    want = (x64 - mean) / np.sqrt(var + eps) * fast.gamma.asnumpy() + fast.beta.asnumpy()
+    np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=2e-5)
+
+
+def test_training_uses_mindspore_ops_so_gradients_exist():
+    cell = LayerNorm(8, 1e-5)
+    cell.set_train(True)
+    x = ms.Tensor(np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32))
+    grads = ms.grad(cell, grad_position=None, weights=cell.trainable_params())(x)
+    assert np.abs(grads[0].asnumpy()).sum() > 0  # d(sum)/d(gamma) = sum of the normalised inputs: nonzero
+    np.testing.assert_allclose(grads[1].asnumpy(), np.full(8, 4.0), rtol=1e-6)  # d(sum)/d(beta) = rows
+
+
+def test_switched_off_by_the_environment(monkeypatch, fresh_build):
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    assert cpu_kernels.library_path() is None and GELU().fast_kernel is None
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, fresh_build):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert cpu_kernels.library_path() is None
+    layer = eval_cell(LayerNorm(4, 1e-5))
+    assert layer.fast_kernel is None
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(layer(ms.Tensor(x)).asnumpy(), (x - x.mean(-1, keepdims=True))
+                               / np.sqrt(x.var(-1, keepdims=True) + 1e-5), atol=1e-5)
+
+
+def test_a_failed_build_warns_and_leaves_no_partial_file(monkeypatch, fresh_build, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("src") / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", str(broken))
+    with pytest.warns(UserWarning, match="building the CPU kernels failed"):
+        assert cpu_kernels.library_path() is None
+    assert os.listdir(fresh_build) == []
+
+
+def test_a_build_leaves_one_library_and_reuses_it(fresh_build):
+    path = cpu_kernels.library_path()
+    assert path is not None and os.listdir(fresh_build) == [os.path.basename(path)]
+    built_at = os.path.getmtime(path)
+    cpu_kernels.library_path.cache_clear()
+    assert cpu_kernels.library_path() == path and os.path.getmtime(path) == built_at
+
+
+def test_fp16_inputs_take_mindspore_ops():
+    x = np.linspace(-3, 3, 12).astype(np.float16).reshape(3, 4)
+    y = eval_cell(GELU())(ms.Tensor(x)).asnumpy()
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y, 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=2e-3)
