@@ -96,9 +96,9 @@ class AdaptiveCascade:
             raise ValueError(f"{len(thresholds)} thresholds for {len(self.stages)} exits")
         self.thresholds = [float(t) for t in thresholds]
 
-    def _run_stage(self, stage, images: Tensor, samples: np.ndarray, upstream: tuple, rows: np.ndarray,
-                   keep_upstream: bool) -> tuple[np.ndarray, tuple]:
-        """Stage logits for `samples` (indices into `images`) and, if `keep_upstream`, its reuse tensors.
+    def _run_stage(self, stage, images: Tensor, samples: np.ndarray, upstream: tuple,
+                   rows: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """Stage logits for `samples` (indices into `images`) and its reuse tensors (none from the last stage).
 
         `rows` are the same samples' rows in `upstream`, the previous stage's reuse tensors.
         """
@@ -114,8 +114,6 @@ class AdaptiveCascade:
             logits.append(outputs[0].asnumpy())
             emitted.append(outputs[1:])
             start += size
-        if not keep_upstream:
-            return np.concatenate(logits), ()
         if len(emitted) > 1:
             emitted = [tuple(ops.concat(parts, 0) for parts in zip(*emitted, strict=True))]
         return np.concatenate(logits), emitted[0]
@@ -130,7 +128,7 @@ class AdaptiveCascade:
         upstream: tuple = ()
         last = len(self.stages) - 1
         for k, stage in enumerate(self.stages):
-            logits, upstream = self._run_stage(stage, images, remaining, upstream, rows, keep_upstream=k < last)
+            logits, upstream = self._run_stage(stage, images, remaining, upstream, rows)
             predicted, confidence = _softmax_max(logits)
             leave = np.ones(len(remaining), bool) if k == last else confidence >= self.thresholds[k]
             chosen = remaining[leave]

@@ -51,9 +51,9 @@ class GELU(nn.GELU):
 
 def use_stock_ops(net: nn.Cell) -> None:
     """Switch `net` to MindSpore's own LayerNorm and GELU, e.g. before export: MindIR files must not need our .so."""
-    for cell in net.cells_and_names():
-        if isinstance(cell[1], (LayerNorm, GELU)):
-            cell[1].fast_kernel = None
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, (LayerNorm, GELU)):
+            cell.fast_kernel = None
 
 
 def layer_norm(width: int, eps: float) -> LayerNorm:
