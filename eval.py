@@ -69,8 +69,8 @@ def compute_probs(config: dict, args) -> dict:
     img_size = net.spec.img_size
     val = create_eval_loader(config, img_size)
     calib = create_eval_loader(config, img_size, split="train", subset=args.calib_size, subset_seed=args.calib_seed)
-    val_probs, val_labels = collect_probs(net, val.dataset, net.num_exits)
-    calib_probs, calib_labels = collect_probs(net, calib.dataset, net.num_exits)
+    val_probs, val_labels = collect_probs(net, val.batches(), net.num_exits)
+    calib_probs, calib_labels = collect_probs(net, calib.batches(), net.num_exits)
     return {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
             "calib_labels": calib_labels, "flops": np.asarray(exit_costs(net, meta), np.float64), "meta": meta}
 
@@ -96,7 +96,7 @@ def run_adaptive(config: dict, args) -> int:
     flops = exit_costs(net, meta)
     cascade = AdaptiveCascade(net, thresholds, micro_batch=args.micro_batch)
     exits, correct, seconds = [], 0, 0.0
-    for images, labels in create_eval_loader(config, net.spec.img_size).dataset.create_tuple_iterator(num_epochs=1):
+    for images, labels in create_eval_loader(config, net.spec.img_size).batches():
         start = time.perf_counter()
         result = cascade(images)
         seconds += time.perf_counter() - start

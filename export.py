@@ -29,7 +29,7 @@ def export_flags() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.data.pipeline import eval_resize
+    from src.data.transforms import eval_resize
     from src.deploy.export import export_cascade
     from src.engine.trainer import exit_costs, load_network
 

@@ -48,8 +48,12 @@ OPTIONS: dict[str, Option] = {
     "train_split": Option("train", "sub-folder (folder) of the training images"),
     "val_split": Option("val", "sub-folder (folder) of the validation images"),
     "skip_corrupt": Option(False, "skip and count unreadable images instead of stopping", bool),
-    "num_parallel_workers": Option(4, "data loading threads per process", int),
-    "batch_size": Option(128, "images per device and step", int),
+    "num_parallel_workers": Option(4, "data loading workers per device, each building whole batches", int),
+    "python_multiprocessing": Option(True, "loader workers are processes (scale with cores); false: threads, "
+                                     "cheaper to start for light transforms", bool),
+    "batch_size": Option(128, "images per device and micro-batch", int),
+    "accum_steps": Option(1, "micro-batches per optimizer update (gradient accumulation): the update equals "
+                          "one step on accum_steps x batch_size images per device", int),
     "eval_batch_size": Option(100, "images per device in validation", int),
     "shuffle": Option(True, "shuffle the training set every epoch", bool),
     "crop_pct": Option(0.875, "eval: resize the short side to img_size / crop_pct, then centre crop", float),
@@ -92,15 +96,20 @@ OPTIONS: dict[str, Option] = {
     # run
     "device_target": Option("CPU", "device to run on", choices=("CPU", "GPU", "Ascend")),
     "distribute": Option(False, "data-parallel over the processes started by msrun / a rank table", bool),
+    "deterministic": Option(False, "deterministic device kernels (MindSpore's deterministic='ON'; slower on GPU "
+                            "and Ascend)", bool),
     "seed": Option(42, "random seed (rank is added for data augmentation)", int),
     "output_dir": Option("runs/default", "run directory: checkpoints, log, resolved config"),
     "keep_checkpoints": Option(3, "training checkpoints kept (plus best)", int),
     "ckpt_all_ranks": Option(False, "ranks other than 0 also save, under output_dir/rank_<r> (to compare replicas)",
                              bool),
     "ckpt_interval": Option(1, "save a training checkpoint every this many epochs", int),
+    "save_interval_steps": Option(None, "also save a training checkpoint every this many optimizer updates, "
+                                  "inside epochs (resume continues with the next batch)", int, nullable=True),
     "max_steps_per_epoch": Option(None, "cap on steps per epoch (smoke tests)", int, nullable=True),
     "eval_interval": Option(1, "validate every this many epochs (and after the last)", int),
-    "log_interval": Option(50, "write a step record to the log every this many steps", int),
+    "log_interval": Option(50, "every this many updates: read loss and overflow flags from the device, write a "
+                           "step record, check for NaN", int),
     "progress": Option(True, "tqdm progress bar on rank 0 (off when not a terminal)", bool),
 }
 

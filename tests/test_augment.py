@@ -3,7 +3,6 @@
 import pickle
 import random
 
-import mindspore.dataset as ds
 import numpy as np
 import pytest
 
@@ -64,8 +63,8 @@ def test_mixup_equals_formula():
 @pytest.mark.parametrize("seed", range(12))
 def test_cutmix_box_pasted_from_reversed_batch(seed):
     x, labels, height = batch(seed), np.array([0, 1, 2, 3]), 32
-    np.random.seed(seed)
-    images, targets = MixupCutmix(4, label_smoothing=0.1).mix(x, labels, lam=0.6, use_cutmix=True)
+    images, targets = MixupCutmix(4, label_smoothing=0.1).mix(x, labels, lam=0.6, use_cutmix=True,
+                                                             rng=np.random.default_rng(seed))
 
     changed = images != x
     mask = changed[0, 0]
@@ -78,8 +77,8 @@ def test_cutmix_box_pasted_from_reversed_batch(seed):
     np.testing.assert_array_equal(images[:, :, ~mask], x[:, :, ~mask])
 
     # The box: half-side int(32 * sqrt(0.4)) // 2 = 10 around a centre drawn uniformly, clipped to the image.
-    np.random.seed(seed)
-    cy, cx = np.random.randint(height), np.random.randint(height)
+    rng = np.random.default_rng(seed)
+    cy, cx = rng.integers(height), rng.integers(height)
     assert (ys.min(), ys.max() + 1) == (max(cy - 10, 0), min(cy + 10, height))
     assert (xs.min(), xs.max() + 1) == (max(cx - 10, 0), min(cx + 10, height))
 
@@ -94,8 +93,7 @@ def test_call_picks_mixup_or_cutmix_and_targets_follow():
     mixer = MixupCutmix(4)
     modes = set()
     for seed in range(30):
-        np.random.seed(seed)
-        images, targets = mixer(x, labels)
+        images, targets = mixer(x, labels, np.random.default_rng(seed))
         lam = recovered_lam(targets, labels, 4, 0.1)
         from_self = images == x
         if (from_self | (images == x[REVERSED])).all():  # CutMix: every pixel is its own or its partner's
@@ -110,15 +108,14 @@ def test_call_picks_mixup_or_cutmix_and_targets_follow():
 
 def test_prob_and_alphas_select_the_mode():
     x, labels = batch(side=16), np.array([0, 1, 2, 3])
-    images, targets = MixupCutmix(4, prob=0.0)(x, labels)
+    images, targets = MixupCutmix(4, prob=0.0)(x, labels, np.random.default_rng(0))
+    assert images is x, "no mixing returns the input array itself"
     np.testing.assert_array_equal(images, x)
     np.testing.assert_allclose(targets, [smoothed(c, 4, 0.1) for c in labels], atol=1e-7)
     for seed in range(5):
-        np.random.seed(seed)
-        images, _ = MixupCutmix(4, mixup_alpha=0.0)(x, labels)
+        images, _ = MixupCutmix(4, mixup_alpha=0.0)(x, labels, np.random.default_rng(seed))
         assert ((images == x) | (images == x[REVERSED])).all()
-        np.random.seed(seed)
-        images, targets = MixupCutmix(4, cutmix_alpha=0.0)(x, labels)
+        images, targets = MixupCutmix(4, cutmix_alpha=0.0)(x, labels, np.random.default_rng(seed))
         lam = recovered_lam(targets, labels, 4, 0.1)
         np.testing.assert_allclose(images, lam * x + (1 - lam) * x[REVERSED], atol=1e-5)
 
@@ -127,36 +124,19 @@ def test_mixup_is_seeded_and_leaves_input_alone():
     x, labels = batch(), np.array([0, 1, 2, 3])
     kept = x.copy()
     mixer = MixupCutmix(4)
-    runs = []
-    for seed in (5, 5, 6):
-        np.random.seed(seed)
-        runs.append(mixer(x, labels))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    np.testing.assert_array_equal(runs[0][1], runs[1][1])
-    assert not np.array_equal(runs[0][1], runs[2][1])
+    clone = pickle.loads(pickle.dumps(mixer))
+    runs = [m(x, labels, np.random.default_rng(seed)) for m, seed in ((mixer, 5), (mixer, 5), (clone, 5), (mixer, 6))]
+    for run in runs[1:3]:
+        np.testing.assert_array_equal(runs[0][0], run[0])
+        np.testing.assert_array_equal(runs[0][1], run[1])
+    assert not np.array_equal(runs[0][0], runs[3][0])
+    assert not np.array_equal(runs[0][1], runs[3][1])
     np.testing.assert_array_equal(x, kept)
 
 
 def test_odd_batch_is_an_error():
     with pytest.raises(ValueError, match="even batch size"):
-        MixupCutmix(4)(batch(size=3), np.array([0, 1, 2]))
-
-
-def test_per_batch_map_in_mindspore_pipeline():
-    x, labels = batch(size=8, side=8), np.arange(8, dtype=np.int32) % 5
-    mixer = MixupCutmix(5, cutmix_alpha=0.0)
-    ds.config.set_seed(1)
-    data = ds.NumpySlicesDataset({"image": x, "label": labels}, shuffle=False).batch(
-        4, per_batch_map=mixer.per_batch_map, input_columns=["image", "label"], output_columns=["image", "label"],
-        drop_remainder=True)
-    out = list(data.create_tuple_iterator(output_numpy=True))
-    assert len(out) == 2
-    for k, (images, targets) in enumerate(out):
-        assert images.shape == (4, 3, 8, 8) and targets.shape == (4, 5) and targets.dtype == np.float32
-        own, part = x[4 * k:4 * k + 4], labels[4 * k:4 * k + 4]
-        lam = recovered_lam(targets, part, 5, 0.1)
-        np.testing.assert_allclose(images, lam * own + (1 - lam) * own[REVERSED], atol=1e-5)
-        np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
+        MixupCutmix(4)(batch(size=3), np.array([0, 1, 2]), np.random.default_rng(0))
 
 
 # ---- RandAugment ----
@@ -174,11 +154,9 @@ def forced(name: str, magnitude: float, num_ops: int = 1) -> RandAugment:
 def test_default_policy_keeps_shape_and_dtype():
     img = image(24, 40)
     kept = img.copy()
-    aug = RandAugment()
-    random.seed(0)
-    np.random.seed(0)
+    aug, rng = RandAugment(), np.random.default_rng(0)
     for _ in range(30):
-        out = aug(img)
+        out = aug(img, rng)
         assert out.shape == (24, 40, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(img, kept)
     assert aug.fill == FILL == tuple(round(255 * m) for m in (0.485, 0.456, 0.406))
@@ -190,24 +168,24 @@ def test_default_policy_keeps_shape_and_dtype():
 def test_magnitude_zero_is_identity(name):
     img = image()
     for seed in range(4):  # both signs and both resampling filters
-        random.seed(seed)
-        assert np.abs(forced(name, 0.0)(img).astype(int) - img).max() <= 1
+        assert np.abs(forced(name, 0.0)(img, np.random.default_rng(seed)).astype(int) - img).max() <= 1
 
 
 def test_invert_solarize_posterize_match_numpy():
     img = image()
     x = img.astype(int)
-    np.testing.assert_array_equal(forced("Invert", 5.0)(img), 255 - x)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(forced("Invert", 5.0)(img, rng), 255 - x)
     # SolarizeIncreasing: threshold 256 - int(256 * m / 10); pixels at or above it are inverted.
     for magnitude, threshold in ((5.0, 128), (2.5, 192), (7.3, 70), (10.0, 0)):
-        np.testing.assert_array_equal(apply_op(img, "SolarizeIncreasing", magnitude),
+        np.testing.assert_array_equal(apply_op(img, "SolarizeIncreasing", magnitude, rng),
                                       np.where(x >= threshold, 255 - x, x))
     # PosterizeIncreasing: keep 4 - int(4 * m / 10) high bits.
     for magnitude, mask in ((0.0, 0xF0), (5.0, 0xC0), (9.0, 0x80), (10.0, 0x00)):
-        np.testing.assert_array_equal(apply_op(img, "PosterizeIncreasing", magnitude), x & mask)
+        np.testing.assert_array_equal(apply_op(img, "PosterizeIncreasing", magnitude, rng), x & mask)
     # SolarizeAdd: add int(110 * m / 10) below 128, saturating.
     for magnitude, add in ((10.0, 110), (5.0, 55), (0.7, 7)):
-        np.testing.assert_array_equal(apply_op(img, "SolarizeAdd", magnitude),
+        np.testing.assert_array_equal(apply_op(img, "SolarizeAdd", magnitude, rng),
                                       np.where(x < 128, np.minimum(x + add, 255), x))
 
 
@@ -215,8 +193,7 @@ def test_brightness_factor_range():
     img, x = image(), image().astype(float)
     outcomes = set()
     for seed in range(8):
-        random.seed(seed)
-        out = apply_op(img, "BrightnessIncreasing", 10.0).astype(float)
+        out = apply_op(img, "BrightnessIncreasing", 10.0, np.random.default_rng(seed)).astype(float)
         if np.abs(out - np.clip(x * 1.9, 0, 255)).max() <= 1:
             outcomes.add(1.9)
         else:
@@ -230,8 +207,7 @@ def test_translate_shifts_by_045_of_the_side_with_mean_fill(name, axis):
     img = image()  # 20 pixels: magnitude 10 shifts by 9
     shifts = set()
     for seed in range(8):
-        random.seed(seed)
-        out = apply_op(img, name, 10.0)
+        out = apply_op(img, name, 10.0, np.random.default_rng(seed))
         for shift in (9, -9):
             want = np.broadcast_to(np.array(FILL, np.uint8), img.shape).copy()
             src = [slice(None)] * 2
@@ -245,28 +221,27 @@ def test_translate_shifts_by_045_of_the_side_with_mean_fill(name, axis):
 
 
 def test_rotate_at_full_magnitude_fills_the_corners():
-    out = apply_op(image(), "Rotate", 10.0)
+    out = apply_op(image(), "Rotate", 10.0, np.random.default_rng(0))
     for corner in (out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]):
         np.testing.assert_array_equal(corner, FILL)
 
 
 def test_ops_are_drawn_with_replacement_and_applied_with_prob():
-    img = image()
+    img, rng = image(), np.random.default_rng(0)
     for num_ops, want in ((1, 255 - img.astype(int)), (2, img), (3, 255 - img.astype(int))):
-        np.testing.assert_array_equal(forced("Invert", 0.0, num_ops)(img), want)
-    np.testing.assert_array_equal(RandAugment(prob=0.0)(img), img)
+        np.testing.assert_array_equal(forced("Invert", 0.0, num_ops)(img, rng), want)
+    np.testing.assert_array_equal(RandAugment(prob=0.0)(img, rng), img)
 
 
 def test_op_choice_magnitude_and_prob_statistics(monkeypatch):
     calls: list[tuple[str, float]] = []
     for name in randaugment.OPS:
         monkeypatch.setitem(randaugment.OPS, name,
-                            lambda img, magnitude, fill, name=name: calls.append((name, magnitude)) or img)
-    random.seed(0)
-    np.random.seed(0)
+                            lambda img, magnitude, fill, rng, name=name: calls.append((name, magnitude)) or img)
+    rng = np.random.default_rng(0)
     aug, img, draws = RandAugment(prob=1.0), image(4, 4), 3000
     for _ in range(draws):
-        aug(img)
+        aug(img, rng)
     names = [name for name, _ in calls]
     assert len(names) == 2 * draws
     counts = np.array([names.count(name) for name in randaugment.INCREASING_OPS])
@@ -278,33 +253,51 @@ def test_op_choice_magnitude_and_prob_statistics(monkeypatch):
 
     calls.clear()
     for _ in range(draws):
-        RandAugment(prob=0.5)(img)
+        RandAugment(prob=0.5)(img, rng)
     assert abs(len(calls) / (2 * draws) - 0.5) < 0.03
     calls.clear()
     for _ in range(draws):
-        RandAugment(magnitude=9.5, magnitude_std=3.0, prob=1.0)(img)
+        RandAugment(magnitude=9.5, magnitude_std=3.0, prob=1.0)(img, rng)
     magnitudes = np.array([m for _, m in calls])
     assert magnitudes.min() >= 0 and magnitudes.max() == 10.0 and (magnitudes == 10.0).mean() > 0.3
 
 
 def test_randaugment_is_seeded_and_picklable():
     img = image(32, 32)
+    kept = img.copy()
     aug = RandAugment(num_ops=3, prob=1.0)
     clone = pickle.loads(pickle.dumps(aug))
-    outs = []
-    for a in (aug, clone):
-        random.seed(11)
-        np.random.seed(11)
-        outs.append(a(img))
+    outs = [a(img, np.random.default_rng(seed)) for a, seed in ((aug, 11), (aug, 11), (clone, 11), (aug, 12))]
     np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    assert not np.array_equal(outs[0], outs[3])
     assert not np.array_equal(outs[0], img)
+    np.testing.assert_array_equal(img, kept)
+
+
+def test_augmentations_leave_the_global_rngs_alone():
+    random.seed(3)
+    np.random.seed(3)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    rng = np.random.default_rng(0)
+    img, x, labels = image(), batch(side=16), np.array([0, 1, 2, 3])
+    for name in randaugment.INCREASING_OPS:
+        apply_op(img, name, 9.0, rng)
+    for _ in range(20):
+        RandAugment(num_ops=3, prob=1.0)(img, rng)
+        MixupCutmix(4)(x, labels, rng)
+    MixupCutmix(4).mix(x, labels, lam=0.5, use_cutmix=True, rng=rng)
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and after[2:] == np_state[2:]
+    np.testing.assert_array_equal(after[1], np_state[1])
 
 
 def test_randaugment_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8 RGB"):
-        RandAugment()(image().astype(np.float32))
+        RandAugment()(image().astype(np.float32), np.random.default_rng(0))
     with pytest.raises(ValueError, match="uint8 RGB"):
-        RandAugment()(image()[..., 0])
+        RandAugment()(image()[..., 0], np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown"):
         RandAugment(ops=["Cutout"])
 

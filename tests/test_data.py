@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from src.config import OPTIONS
-from src.data.pipeline import ResizeCenterCrop, create_eval_loader, create_train_loader
+from src.data.pipeline import create_eval_loader, create_train_loader
 from src.data.sources import DataError, demo_digits, list_images, load_rgb
+from src.data.transforms import ResizeCenterCrop
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -16,7 +17,7 @@ STD = np.array([0.229, 0.224, 0.225])
 
 def base_config(**overrides) -> dict:
     config = {key: option.default for key, option in OPTIONS.items()}
-    config.update(num_parallel_workers=1, auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0)
+    config.update(num_parallel_workers=1, auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0, cooldown_epochs=0)
     config.update(overrides)
     return config
 
@@ -83,7 +84,7 @@ def test_eval_loader_normalises_and_shards(tmp_path):
     config = base_config(dataset="folder", data_path=root, eval_batch_size=4)
     whole = create_eval_loader(config, 16)
     assert whole.num_samples == 9
-    batches = list(whole.dataset.create_tuple_iterator(output_numpy=True))
+    batches = list(whole.dataset().create_tuple_iterator(output_numpy=True))
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     assert images.shape == (9, 3, 16, 16) and images.dtype == np.float32
@@ -93,7 +94,7 @@ def test_eval_loader_normalises_and_shards(tmp_path):
         np.testing.assert_allclose(image[label], (1.0 - MEAN[label]) / STD[label], rtol=1e-5)
     shards = [create_eval_loader(config, 16, rank, 2) for rank in (0, 1)]
     assert [s.num_samples for s in shards] == [5, 4]
-    shard_labels = [np.concatenate([b[1] for b in s.dataset.create_tuple_iterator(output_numpy=True)])
+    shard_labels = [np.concatenate([b[1] for b in s.dataset().create_tuple_iterator(output_numpy=True)])
                     for s in shards]
     np.testing.assert_array_equal(shard_labels[0], labels[0::2])
     np.testing.assert_array_equal(shard_labels[1], labels[1::2])
@@ -101,11 +102,11 @@ def test_eval_loader_normalises_and_shards(tmp_path):
 
 def test_train_loader_gives_soft_targets(tmp_path):
     root = make_folder(tmp_path)
-    config = base_config(dataset="folder", data_path=root, batch_size=4, num_classes=3,
+    config = base_config(dataset="folder", data_path=root, batch_size=4, num_classes=3, epochs=1,
                          auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0)
     loader = create_train_loader(config, 24)
-    batches = list(loader.dataset.create_tuple_iterator(output_numpy=True))
-    assert len(batches) == 3
+    batches = [(i.asnumpy(), t.asnumpy()) for i, t in loader.batches()]
+    assert len(batches) == loader.batches_per_epoch == 3
     for images, targets in batches:
         assert images.shape == (4, 3, 24, 24) and images.dtype == np.float32
         assert targets.shape == (4, 3) and targets.dtype == np.float32
@@ -113,27 +114,100 @@ def test_train_loader_gives_soft_targets(tmp_path):
         assert targets.min() >= 0.1 / 3 - 1e-6  # smoothing floor
 
 
-def test_corrupt_image_stops_with_its_path(tmp_path):
+RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, mixup=0.8, cutmix=1.0, interpolation="random",
+              num_classes=3, epochs=2)
+
+
+def stream(config: dict, rank: int = 0, group_size: int = 1, start: int = 0) -> list[tuple[np.ndarray, ...]]:
+    loader = create_train_loader(config, 16, rank, group_size)
+    return [(i.asnumpy(), t.asnumpy()) for i, t in loader.batches(start)]
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (images_a, targets_a), (images_b, targets_b) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(images_a, images_b)
+        np.testing.assert_array_equal(targets_a, targets_b)
+
+
+@pytest.fixture(scope="module")
+def recipe_folder(tmp_path_factory) -> str:
+    return make_folder(tmp_path_factory.mktemp("recipe"), per_class=8, size=(40, 30))
+
+
+def test_batches_are_identical_whatever_the_workers(recipe_folder):
+    """The full recipe (RandAugment, erasing, Mixup/CutMix) gives the same batches bit for bit in threads or
+    processes, with one worker or two, and a different seed gives other ones."""
+    config = base_config(dataset="folder", data_path=recipe_folder, batch_size=4, **RECIPE)
+    reference = stream(config)
+    assert len(reference) == 2 * 6
+    for processes in (False, True):
+        for num_workers in (1, 2):
+            assert_same(stream(dict(config, python_multiprocessing=processes, num_parallel_workers=num_workers)),
+                        reference)
+    other = stream(dict(config, seed=config["seed"] + 1))
+    assert not np.array_equal(other[0][0], reference[0][0])
+    # epochs differ (a new order and new draws), and the images really are augmented
+    assert not np.array_equal(reference[0][0], reference[6][0])
+
+
+def test_a_stream_resumed_mid_run_reads_the_same_batches(recipe_folder):
+    config = base_config(dataset="folder", data_path=recipe_folder, batch_size=4, **RECIPE)
+    whole = stream(config)
+    assert_same(stream(config, start=5), whole[5:])
+
+
+def test_ranks_share_the_global_batch_of_one_process(recipe_folder):
+    """Two ranks of batch 4 see exactly the images of one process of batch 8, augmented alike."""
+    config = base_config(dataset="folder", data_path=recipe_folder, **dict(RECIPE, mixup=0.0, cutmix=0.0))
+    single = stream(dict(config, batch_size=8))
+    ranks = [stream(dict(config, batch_size=4), rank, 2) for rank in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 2 * 3
+    for k, (images, targets) in enumerate(single):
+        np.testing.assert_array_equal(images, np.concatenate([ranks[0][k][0], ranks[1][k][0]]))
+        np.testing.assert_array_equal(targets, np.concatenate([ranks[0][k][1], ranks[1][k][1]]))
+
+
+def test_accumulation_and_step_cap_shape_the_epoch(recipe_folder):
+    config = base_config(dataset="folder", data_path=recipe_folder, batch_size=2, num_classes=3, epochs=1)
+    assert create_train_loader(config, 16).batches_per_epoch == 12  # 24 images
+    assert create_train_loader(dict(config, accum_steps=5), 16).batches_per_epoch == 10  # two whole updates
+    assert create_train_loader(dict(config, accum_steps=5, max_steps_per_epoch=1), 16).batches_per_epoch == 5
+    with pytest.raises(ValueError, match="fewer than one update of 13 x 2 images"):
+        create_train_loader(dict(config, accum_steps=13), 16)
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_corrupt_image_stops_with_its_path(tmp_path, processes):
     root = make_folder(tmp_path)
     bad = os.path.join(root, "train", "dog", "1.jpg")
     truncate(bad)
-    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3)
-    loader = create_train_loader(config, 16)
-    with pytest.raises(RuntimeError, match="cannot read image .*dog/1.jpg"):
-        list(loader.dataset.create_tuple_iterator(output_numpy=True))
+    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3, epochs=1,
+                         python_multiprocessing=processes, num_parallel_workers=2)
+    with pytest.raises(DataError, match="cannot read image .*dog/1.jpg"):
+        list(create_train_loader(config, 16).batches())
+    with pytest.raises(DataError, match="cannot read image .*dog/1.jpg"):
+        list(create_eval_loader(dict(config, val_split="train"), 16).batches())
 
 
-def test_corrupt_image_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("processes", [False, True])
+def test_corrupt_image_skipped_and_counted(tmp_path, processes):
     root = make_folder(tmp_path)
     bad = os.path.join(root, "train", "dog", "1.jpg")
     truncate(bad)
-    config = base_config(dataset="folder", data_path=root, batch_size=1, shuffle=False, num_classes=3,
-                         skip_corrupt=True, label_smoothing=0.0)
-    loader = create_train_loader(config, 16)
-    targets = np.concatenate([b[1] for b in loader.dataset.create_tuple_iterator(output_numpy=True)])
-    assert len(targets) == 11
-    np.testing.assert_array_equal(targets.argmax(1), [0] * 4 + [1] * 3 + [2] * 4)
-    assert loader.skipped == {bad}
+    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3, epochs=1,
+                         skip_corrupt=True, label_smoothing=0.0, python_multiprocessing=processes,
+                         num_parallel_workers=2)
+    train = create_train_loader(config, 16)
+    targets = np.concatenate([t.asnumpy() for _, t in train.batches()])
+    assert len(targets) == 12  # the unreadable image is replaced by a drawn one: batches keep their shape
+    labels = targets.argmax(1)
+    np.testing.assert_array_equal(np.delete(labels, 5), [0] * 4 + [1] * 3 + [2] * 4)
+    assert train.skipped == {bad}
+    val = create_eval_loader(dict(config, val_split="train"), 16)
+    labels = np.concatenate([t.asnumpy() for _, t in val.batches()])
+    np.testing.assert_array_equal(labels, [0] * 4 + [1] * 3 + [2] * 4)  # left out of evaluation
+    assert val.skipped == {bad}
 
 
 def test_demo_digits_split():
@@ -171,10 +245,10 @@ def test_cifar10_binary(tmp_path):
     config = base_config(dataset="cifar10", data_path=root, batch_size=2, eval_batch_size=4, num_classes=10)
     train = create_train_loader(config, 16)
     assert train.num_classes == 10
-    images, targets = next(train.dataset.create_tuple_iterator(output_numpy=True))
+    images, targets = (t.asnumpy() for t in next(train.batches()))
     assert images.shape == (2, 3, 16, 16) and targets.shape == (2, 10)
     val = create_eval_loader(config, 16)
-    labels = np.concatenate([b[1] for b in val.dataset.create_tuple_iterator(output_numpy=True)])
+    labels = np.concatenate([b[1] for b in val.dataset().create_tuple_iterator(output_numpy=True)])
     np.testing.assert_array_equal(labels, test_labels)
     with pytest.raises(DataError, match="holds none of the cifar10 train files"):
         create_train_loader(dict(config, data_path=str(tmp_path)), 16)

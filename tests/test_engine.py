@@ -10,7 +10,7 @@ from mindspore import nn
 
 from src.engine.checkpoint import CheckpointManager, load_model_weights, load_train_state
 from src.engine.optim import AdamW, param_groups
-from src.engine.train_step import DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
+from src.engine.train_step import AccumulateGrads, DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
 from src.engine.trainer import apply_amp
 from src.models import create_model
 from src.models.tokenizers import TokenPerformer
@@ -66,9 +66,9 @@ def test_step_updates_weights_and_the_ema(step_parts):
     net, ema, optimizer, step = step_parts
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
     images, targets = batch()
-    loss, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets))
-    assert np.isfinite(float(loss.asnumpy())) and not bool(overflowed.asnumpy())
-    assert float(scale.asnumpy()) == 1024.0
+    loss, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets)).asnumpy()
+    assert np.isfinite(loss) and not overflowed
+    assert scale == 1024.0
     cls = "stages.0.cls_token"
     after = dict((p.name, p.asnumpy()) for p in net.get_parameters())
     assert not np.allclose(after[cls], before[cls])
@@ -88,9 +88,9 @@ def test_overflow_skips_the_update_but_advances_the_schedule(step_parts):
     adam_step = int(optimizer.adam_step.asnumpy().reshape(-1)[0])
     images, targets = batch(1)
     images[0, 0, 0, 0] = np.inf
-    _, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets))
-    assert bool(overflowed.asnumpy())
-    assert float(scale.asnumpy()) == float(step.scale_sense.asnumpy()) == 512.0  # halved for the next step
+    _, overflowed, scale = step(ms.Tensor(images), ms.Tensor(targets)).asnumpy()
+    assert overflowed
+    assert scale == float(step.scale_sense.asnumpy()) == 512.0  # halved for the next step
     for p in net.get_parameters():
         np.testing.assert_array_equal(p.asnumpy(), before[p.name])
     for p in ema.shadow.get_parameters():
@@ -102,10 +102,10 @@ def test_overflow_skips_the_update_but_advances_the_schedule(step_parts):
 def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
     net, ema, optimizer, step = step_parts
     manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=2)
-    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict(), "step": 2}
+    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
     for epoch in (1, 2, 3):
-        manager.save_train_state(step, epoch, meta)
-    assert [e for e, _ in manager.train_states()] == [2, 3]
+        manager.save_train_state(step, epoch, dict(meta, step=10 * epoch))
+    assert [s for s, _ in manager.train_states()] == [20, 30]
     # a checkpoint without its JSON is incomplete and never picked; stale temp files are removed
     open(os.path.join(str(tmp_path), "dvt_tiny_deit-e0009.ckpt"), "wb").close()
     open(os.path.join(str(tmp_path), ".dvt_tiny_deit-e0004.tmp.ckpt"), "wb").close()
@@ -115,7 +115,7 @@ def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
     for p in net.get_parameters():
         p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)))
     restored = load_train_state(step, manager.latest(), net.spec.to_dict(), "dvt_tiny_deit")
-    assert restored["epoch"] == 3
+    assert restored["epoch"] == 3 and restored["step"] == 30
     for p in step.get_parameters():
         np.testing.assert_array_equal(p.asnumpy(), saved[p.name], err_msg=p.name)
     best = manager.save_best(ema.shadow, dict(meta, epoch=3))
@@ -163,3 +163,73 @@ def test_gradient_clipping_bounds_the_first_step():
         moved[clip] = np.abs(net.stages[2].head.weight.asnumpy() - before).max()
     assert moved[None] > 0.5 * lr
     assert 0 < moved[1e-9] < 0.1 * lr
+
+
+def test_mid_epoch_states_are_ordered_by_step(step_parts, tmp_path):
+    net, _, _, step = step_parts
+    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=3)
+    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
+    manager.save_train_state(step, 1, dict(meta, step=40))
+    manager.save_train_state(step, 1, dict(meta, step=55), mid_epoch=True)
+    manager.save_train_state(step, 1, dict(meta, step=70), mid_epoch=True)
+    names = [os.path.basename(p) for _, p in manager.train_states()]
+    assert names == ["dvt_tiny_deit-e0001.ckpt", "dvt_tiny_deit-e0002-s00000055.ckpt",
+                     "dvt_tiny_deit-e0002-s00000070.ckpt"]
+    manager.save_train_state(step, 2, dict(meta, step=80))
+    assert [s for s, _ in manager.train_states()] == [55, 70, 80]
+
+
+def trained_weights(accum_steps: int, micro_batch: int, updates: int = 2) -> dict:
+    """Weights after `updates` AdamW updates of the same start on the same images, each update made of
+    accum_steps micro-batches of micro_batch images."""
+    net = tiny(seed=3)
+    # Adam turns a near-zero gradient into an update of about lr * sign(g): a larger eps keeps the float32 rounding
+    # of such gradients (summed in another order) from deciding the comparison, without changing the others'.
+    optimizer = AdamW(param_groups(net, 0.05), learning_rate=ms.Tensor(np.full(10, 1e-2, np.float32)), eps=1e-4)
+    step = TrainStep(DVTWithLoss(net), optimizer, loss_scale_sense("dynamic", 1024.0, 1000), accum_steps=accum_steps)
+    step.set_train(True)
+    accumulate = AccumulateGrads(step) if accum_steps > 1 else None
+    rng = np.random.default_rng(7)
+    images = rng.normal(size=(updates * BATCH, 3, SIZE, SIZE)).astype(np.float32)
+    targets = rng.dirichlet(np.ones(CLASSES), updates * BATCH).astype(np.float32)
+    losses = []
+    for chunk in range(0, updates * BATCH, micro_batch):
+        micro = (ms.Tensor(images[chunk:chunk + micro_batch]), ms.Tensor(targets[chunk:chunk + micro_batch]))
+        if (chunk // micro_batch + 1) % accum_steps:
+            accumulate(*micro)
+        else:
+            losses.append(float(step(*micro).asnumpy()[0]))
+    assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == updates
+    return {"losses": losses, **{p.name: p.asnumpy() for p in net.get_parameters()}}
+
+
+def test_gradient_accumulation_equals_one_step_on_the_larger_batch():
+    whole = trained_weights(accum_steps=1, micro_batch=BATCH)
+    for accum in (2, 4):
+        accumulated = trained_weights(accum_steps=accum, micro_batch=BATCH // accum)
+        np.testing.assert_allclose(accumulated["losses"], whole["losses"], rtol=1e-6)
+        for name, value in whole.items():
+            np.testing.assert_allclose(accumulated[name], value, atol=1e-6, err_msg=name)
+
+
+def test_an_overflow_in_any_micro_batch_skips_the_update():
+    net = tiny(seed=3)
+    optimizer = AdamW(param_groups(net, 0.05), learning_rate=ms.Tensor(np.full(10, 1e-2, np.float32)))
+    step = TrainStep(DVTWithLoss(net), optimizer, loss_scale_sense("dynamic", 1024.0, 1000), accum_steps=2)
+    step.set_train(True)
+    accumulate = AccumulateGrads(step)
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    images, targets = batch(2)
+    poisoned = images.copy()
+    poisoned[0, 0, 0, 0] = np.inf
+    accumulate(ms.Tensor(poisoned[:2]), ms.Tensor(targets[:2]))  # the first micro-batch overflows
+    _, overflowed, _ = step(ms.Tensor(images[2:]), ms.Tensor(targets[2:])).asnumpy()
+    assert overflowed and float(step.scale_sense.asnumpy()) == 512.0
+    for p in net.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), before[p.name], err_msg=p.name)
+    assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == 1
+    # the accumulators were cleared: the next update is a clean one
+    accumulate(ms.Tensor(images[:2]), ms.Tensor(targets[:2]))
+    _, overflowed, _ = step(ms.Tensor(images[2:]), ms.Tensor(targets[2:])).asnumpy()
+    assert not overflowed
+    assert not np.array_equal(net.stages[0].cls_token.asnumpy(), before["stages.0.cls_token"])

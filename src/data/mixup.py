@@ -1,8 +1,8 @@
 """Batch-mode Mixup / CutMix with label smoothing (timm's batch mode, the DVT recipe), in NumPy.
 
 One (lam, mode) is drawn per batch and every sample i is mixed with sample B-1-i, its partner in the reversed
-batch. The soft targets feed a soft-target cross-entropy. Randomness comes from NumPy's global RNG, which
-``mindspore.dataset.config.set_seed`` seeds.
+batch. The soft targets feed a soft-target cross-entropy. Every draw comes from the ``numpy.random.Generator``
+passed in: the pipeline gives each batch its own, keyed by seed, epoch, batch and rank.
 """
 
 import numpy as np
@@ -55,32 +55,34 @@ class MixupCutmix:
         self.switch_prob = float(switch_prob)
         self.label_smoothing = float(label_smoothing)
 
-    def sample_params(self) -> tuple[float, bool]:
+    def sample_params(self, rng: np.random.Generator) -> tuple[float, bool]:
         """Draw this batch's (lam, use_cutmix); lam 1.0 means no mixing."""
-        if not np.random.rand() < self.prob or (self.mixup_alpha == 0 and self.cutmix_alpha == 0):
+        if not rng.random() < self.prob or (self.mixup_alpha == 0 and self.cutmix_alpha == 0):
             return 1.0, False
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            use_cutmix = bool(np.random.rand() < self.switch_prob)
+            use_cutmix = bool(rng.random() < self.switch_prob)
         else:
             use_cutmix = self.cutmix_alpha > 0
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
-        return float(np.random.beta(alpha, alpha)), use_cutmix
+        return float(rng.beta(alpha, alpha)), use_cutmix
 
     @staticmethod
-    def cutmix_box(lam: float, height: int, width: int) -> tuple[int, int, int, int]:
+    def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """Draw a CutMix box (y0, y1, x0, x1) of side ratio sqrt(1 - lam), centred uniformly, clipped to the image.
 
         As in timm the box spans cut // 2 pixels on each side of the centre, cut = int(side * sqrt(1 - lam)).
         """
         ratio = np.sqrt(1.0 - lam)
         half_h, half_w = int(height * ratio) // 2, int(width * ratio) // 2
-        cy, cx = int(np.random.randint(height)), int(np.random.randint(width))
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
         return (max(cy - half_h, 0), min(cy + half_h, height), max(cx - half_w, 0), min(cx + half_w, width))
 
     def mix(
-        self, images: np.ndarray, labels: np.ndarray, lam: float, use_cutmix: bool = False
+        self, images: np.ndarray, labels: np.ndarray, lam: float, use_cutmix: bool = False,
+        rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Mix a (B, C, H, W) batch with its reverse at a given lam; CutMix recomputes lam from the box area."""
+        """Mix a (B, C, H, W) batch with its reverse at a given lam; CutMix draws its box from `rng` and
+        recomputes lam from the box area."""
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels)
         if images.ndim != 4:
@@ -92,29 +94,23 @@ class MixupCutmix:
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
         if use_cutmix:
+            if rng is None:
+                raise ValueError("CutMix needs an rng to place its box")
             height, width = images.shape[2:]
-            y0, y1, x0, x1 = self.cutmix_box(lam, height, width)
+            y0, y1, x0, x1 = self.cutmix_box(lam, height, width, rng)
             mixed = images.copy()
             mixed[:, :, y0:y1, x0:x1] = images[::-1, :, y0:y1, x0:x1]
             lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
         elif lam < 1.0:
             mixed = images * np.float32(lam) + images[::-1] * np.float32(1.0 - lam)
         else:
-            mixed = images.copy()
+            mixed = images
         smooth = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
         targets = smooth * np.float32(lam) + smooth[::-1] * np.float32(1.0 - lam)
         return mixed.astype(np.float32, copy=False), targets.astype(np.float32, copy=False)
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: np.ndarray, labels: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Mix a (B, C, H, W) float batch and its (B,) integer labels; returns images and (B, classes) targets."""
-        lam, use_cutmix = self.sample_params()
-        return self.mix(images, labels, lam, use_cutmix)
-
-    def per_batch_map(
-        self, images: list[np.ndarray], labels: list[np.ndarray], batch_info: object
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``dataset.batch(per_batch_map=...)`` hook: stacks the column lists and mixes them.
-
-        Use ``drop_remainder=True`` (or an even dataset size) so that no odd final batch reaches it.
-        """
-        return self(np.stack(images), np.asarray(labels).reshape(len(labels)))
+        lam, use_cutmix = self.sample_params(rng)
+        return self.mix(images, labels, lam, use_cutmix, rng)

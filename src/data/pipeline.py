@@ -1,105 +1,197 @@
-"""mindspore.dataset pipelines for training and validation, sharded by rank.
+"""mindspore.dataset pipelines for training and validation: whole batches built in worker processes.
 
-Training: random-resized crop, flip, RandAugment, normalise, random erasing, then batch-level
-Mixup/CutMix with label smoothing, so every batch carries soft targets (B, num_classes).
-Validation: short side to img_size / crop_pct (PIL bicubic, as the reference), centre crop, normalise;
-each rank takes every group_size-th image with no padding, so summed counts are exact.
+Each item of a pipeline is a whole batch, built by one worker (a process with `python_multiprocessing`, the
+default, else a thread): it decodes its images, transforms them (src/data/transforms.py), stacks them and,
+for training, mixes the batch (Mixup/CutMix with label smoothing, so every batch carries soft targets). What
+a batch holds and every random draw in it follow from (seed, epoch, position) alone (src/data/stream.py), so
+batches are identical whatever the number or timing of workers, and a run resumed at micro-batch g reads the
+very batches the uninterrupted run read there.
+
+Training reads one stream of micro-batches over the whole run, sharded by rank. Validation gives each rank
+every group_size-th image with no padding, so summed counts are exact. An unreadable image stops the run
+naming its path, or with `skip_corrupt` is left out (validation) or replaced by a drawn one (training, so
+batches keep their shape), and counted.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import mindspore.dataset as ds
 import numpy as np
-from mindspore.dataset import transforms, vision
-from PIL import Image
+from mindspore import Tensor
 
 from .mixup import MixupCutmix
-from .randaugment import rand_augment_from_string
 from .sources import (
     CIFAR_CLASSES,
-    SKIPPED_LABEL,
     ArraySource,
+    DataError,
     ImageFolderSource,
     demo_digits,
     find_classes,
     list_images,
     read_cifar,
 )
+from .stream import BATCH, IMAGE, REPLACEMENT, BatchPlan, keyed_rng
+from .transforms import EvalTransform, TrainTransform
 
-INTERPOLATIONS = {"bicubic": vision.Inter.BICUBIC, "bilinear": vision.Inter.BILINEAR}
-PIL_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
+NO_IMAGE = -1  # padding of the `skipped` column
+REPLACEMENT_ATTEMPTS = 10
+
+
+def _record_skip(skipped: np.ndarray, index: int) -> None:
+    free = np.flatnonzero(skipped == NO_IMAGE)
+    if free.size:
+        skipped[free[0]] = index
+
+
+class TrainBatches:
+    """GeneratorDataset source: item g is this rank's micro-batch g of the run, as (images, soft targets,
+    indices of the unreadable images it skipped)."""
+
+    columns = ["image", "target", "skipped"]
+
+    def __init__(self, source, plan: BatchPlan, transform: TrainTransform, mixer: MixupCutmix, skip_corrupt: bool):
+        self.source = source
+        self.plan = plan
+        self.transform = transform
+        self.mixer = mixer
+        self.skip_corrupt = skip_corrupt
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.plan.total_batches
+
+    def order(self, epoch: int) -> np.ndarray:
+        cached = self._order
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, self.plan.order(epoch))
+            self._order = cached
+        return cached[1]
+
+    def _load(self, item: int, epoch: int, position: int, skipped: np.ndarray):
+        """The image at `item`; with skip_corrupt, an unreadable one is recorded and replaced by a drawn one."""
+        draws = None
+        for _ in range(REPLACEMENT_ATTEMPTS):
+            try:
+                return self.source.load(item)
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+                _record_skip(skipped, item)
+                draws = draws or keyed_rng(self.plan.seed, REPLACEMENT, epoch, position)
+                item = int(draws.integers(len(self.source)))
+        raise DataError(f"{REPLACEMENT_ATTEMPTS} unreadable images in a row replacing one of epoch {epoch + 1}; "
+                        f"the last was {self.source.name(item)}")
+
+    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        plan = self.plan
+        epoch, index, positions = plan.positions(int(batch))
+        items = self.order(epoch)[positions]
+        size = self.transform.size
+        images = np.empty((plan.batch_size, 3, size, size), np.float32)
+        labels = np.empty(plan.batch_size, np.int32)
+        skipped = np.full(plan.batch_size, NO_IMAGE, np.int64)
+        for slot, (position, item) in enumerate(zip(positions.tolist(), items.tolist(), strict=True)):
+            image, labels[slot] = self._load(item, epoch, position, skipped)
+            images[slot] = self.transform(image, keyed_rng(plan.seed, IMAGE, epoch, position))
+        images, targets = self.mixer(images, labels, keyed_rng(plan.seed, BATCH, epoch, index, plan.rank))
+        return images, targets, skipped
+
+
+class EvalBatches:
+    """GeneratorDataset source: item b is batch b of this rank's evaluation images, as (images, labels,
+    indices of the unreadable images left out)."""
+
+    columns = ["image", "label", "skipped"]
+
+    def __init__(self, source, indices: list[int], batch_size: int, transform: EvalTransform, skip_corrupt: bool):
+        self.source = source
+        self.indices = indices
+        self.batch_size = batch_size
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chunk = self.indices[int(batch) * self.batch_size:(int(batch) + 1) * self.batch_size]
+        images, labels = [], []
+        skipped = np.full(self.batch_size, NO_IMAGE, np.int64)
+        for item in chunk:
+            try:
+                image, label = self.source.load(item)
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+                _record_skip(skipped, item)
+                continue
+            images.append(self.transform(image))
+            labels.append(label)
+        size = self.transform.resize_crop.size
+        stacked = np.stack(images) if images else np.empty((0, 3, size, size), np.float32)
+        return stacked, np.asarray(labels, np.int32), skipped
 
 
 @dataclass
 class Loader:
-    """A batched dataset and what the training loop needs to know about it."""
+    """Batches of one split and what the training loop needs to know about them."""
 
-    dataset: ds.Dataset
-    num_samples: int  # images this rank reads per epoch (before skipping corrupt ones)
+    items: TrainBatches | EvalBatches  # the random-access source of whole batches
+    num_samples: int  # images this rank reads per epoch
     num_classes: int
-    source: Any  # the random-access source, for the count of skipped images
+    batches_per_epoch: int
+    workers: int
+    processes: bool
+    skipped: set[str] = field(default_factory=set)
 
-    @property
-    def skipped(self) -> set[str]:
-        return getattr(self.source, "skipped", set())
+    def dataset(self, start: int = 0) -> ds.Dataset:
+        """The mindspore.dataset pipeline from batch `start` on."""
+        return ds.GeneratorDataset(self.items, self.items.columns, sampler=ds.SequentialSampler(start_index=start),
+                                   num_parallel_workers=self.workers, python_multiprocessing=self.processes)
 
-
-class ResizeCenterCrop:
-    """PIL resize of the short side to `resize`, then a centre crop of `size` (torchvision's eval)."""
-
-    def __init__(self, size: int, resize: int, interpolation: int):
-        self.size = size
-        self.resize = resize
-        self.interpolation = interpolation
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
-        if min(width, height) != self.resize:
-            if width <= height:
-                new_size = (self.resize, int(self.resize * height / width))
-            else:
-                new_size = (int(self.resize * width / height), self.resize)
-            image = image.resize(new_size, self.interpolation)
-            width, height = image.size
-        left = int(round((width - self.size) / 2.0))
-        top = int(round((height - self.size) / 2.0))
-        return image.crop((left, top, left + self.size, top + self.size))
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images, targets or labels) of every batch from `start` on; counts skipped images and turns an
+        unreadable one deep in a worker into a DataError naming it."""
+        try:
+            for images, targets, skipped in self.dataset(start).create_tuple_iterator(num_epochs=1, do_copy=False):
+                lost = skipped.asnumpy()
+                self.skipped.update(self.items.source.name(int(i)) for i in lost[lost != NO_IMAGE])
+                if images.shape[0]:
+                    yield images, targets
+        except RuntimeError as err:
+            found = re.findall(r"DataError: (?!Traceback)([^\n]*)", str(err))  # the worker's own message
+            if not found:
+                raise
+            raise DataError(f"{found[-1].strip()}\n(set skip_corrupt: true to skip and count unreadable "
+                            "images)") from None
 
 
-def eval_resize(config: dict, img_size: int) -> int:
-    return int(math.floor(img_size / config["crop_pct"]))
+def _source(config: dict, split: str, class_names: list[str] | None = None):
+    """The random-access source of a split and its number of classes."""
+    name = config["dataset"]
+    if name == "demo":
+        images, labels = demo_digits(split)
+        return ArraySource(images, labels, f"demo {split}"), 10
+    root = config["data_path"]
+    if not root:
+        raise ValueError(f"dataset {name!r} needs data_path")
+    if name == "folder":
+        sub = config["train_split"] if split == "train" else config["val_split"]
+        items, classes = list_images(os.path.join(root, sub), class_names)
+        return ImageFolderSource(items), len(classes)
+    images, labels = read_cifar(root, name, split)
+    return ArraySource(images, labels, f"{name} {split}"), CIFAR_CLASSES[name]
 
 
-def _normalise(config: dict) -> list:
-    mean = [255.0 * m for m in config["mean"]]
-    std = [255.0 * s for s in config["std"]]
-    return [vision.Normalize(mean=mean, std=std), vision.HWC2CHW()]
-
-
-def _random_resized_crop(config: dict, img_size: int):
-    def crop(name: str):
-        return vision.RandomResizedCrop(img_size, scale=tuple(config["scale"]), ratio=tuple(config["ratio"]),
-                                        interpolation=INTERPOLATIONS[name])
-    if config["interpolation"] == "random":
-        return transforms.RandomChoice([crop("bilinear"), crop("bicubic")])
-    return crop(config["interpolation"])
-
-
-def train_image_ops(config: dict, img_size: int) -> list:
-    ops = [_random_resized_crop(config, img_size)]
-    if config["hflip"] > 0:
-        ops.append(vision.RandomHorizontalFlip(config["hflip"]))
-    if config["auto_augment"]:
-        ops.append(rand_augment_from_string(config["auto_augment"]))
-    ops.extend(_normalise(config))
-    if config["re_prob"] > 0:
-        ops.append(vision.RandomErasing(prob=config["re_prob"], value="random"))
-    return ops
+def workers(config: dict) -> int:
+    """Loader workers: as configured, but no more than this machine's cores (MindSpore refuses more)."""
+    return max(1, min(config["num_parallel_workers"], os.cpu_count() or 1))
 
 
 def _mixer(config: dict, num_classes: int) -> MixupCutmix:
@@ -109,55 +201,28 @@ def _mixer(config: dict, num_classes: int) -> MixupCutmix:
                        label_smoothing=config["label_smoothing"])
 
 
-def _source(config: dict, split: str, pil_transform=None, class_names: list[str] | None = None):
-    """The random-access source of a split and its number of classes."""
-    name = config["dataset"]
-    if name == "demo":
-        images, labels = demo_digits(split)
-        return ArraySource(images, labels, pil_transform), 10
-    root = config["data_path"]
-    if not root:
-        raise ValueError(f"dataset {name!r} needs data_path")
-    if name == "folder":
-        sub = config["train_split"] if split == "train" else config["val_split"]
-        items, classes = list_images(os.path.join(root, sub), class_names)
-        return ImageFolderSource(items, config["skip_corrupt"], pil_transform), len(classes)
-    images, labels = read_cifar(root, name, split)
-    return ArraySource(images, labels, pil_transform), CIFAR_CLASSES[name]
-
-
-def _is_readable(label: np.ndarray) -> bool:
-    return int(label) != SKIPPED_LABEL
-
-
-def workers(config: dict) -> int:
-    """Loader threads: as configured, but no more than this machine's cores (MindSpore refuses more)."""
-    return max(1, min(config["num_parallel_workers"], os.cpu_count() or 1))
-
-
-def _generator(config: dict, source, **sampling) -> ds.Dataset:
-    data = ds.GeneratorDataset(source, ["image", "label"], num_parallel_workers=workers(config),
-                               python_multiprocessing=False, **sampling)
-    if config["skip_corrupt"]:
-        data = data.filter(_is_readable, input_columns=["label"])
-    return data
+def train_plan(config: dict, num_items: int, rank: int = 0, group_size: int = 1) -> BatchPlan:
+    """This rank's stream: whole optimizer updates of `accum_steps` micro-batches per epoch, at most
+    `max_steps_per_epoch` updates."""
+    batch, accum = config["batch_size"], config["accum_steps"]
+    updates = num_items // (group_size * batch * accum)
+    if config["max_steps_per_epoch"]:
+        updates = min(updates, config["max_steps_per_epoch"])
+    if updates < 1:
+        raise ValueError(f"the training split has {num_items} images, fewer than one update of {accum} x "
+                         f"{batch} images on each of {group_size} device(s)")
+    return BatchPlan(num_items, batch, updates * accum, config["epochs"] + config["cooldown_epochs"],
+                     config["seed"], config["shuffle"], rank, group_size)
 
 
 def create_train_loader(config: dict, img_size: int, rank: int = 0, group_size: int = 1) -> Loader:
-    """Shuffled, augmented, sharded training batches of (images, soft targets)."""
+    """Augmented, mixed, sharded micro-batches of (images, soft targets) over the whole run."""
     source, num_classes = _source(config, "train")
-    num_samples = math.ceil(len(source) / group_size)
-    if num_samples < config["batch_size"]:
-        raise ValueError(f"the training split has {num_samples} images per device, fewer than one batch "
-                         f"of {config['batch_size']}")
-    shard = dict(num_shards=group_size, shard_id=rank) if group_size > 1 else {}
-    data = _generator(config, source, shuffle=config["shuffle"], **shard)
-    data = data.map(train_image_ops(config, img_size), input_columns="image",
-                    num_parallel_workers=workers(config))
-    mixer = _mixer(config, num_classes)
-    data = data.batch(config["batch_size"], drop_remainder=True, per_batch_map=mixer.per_batch_map,
-                      input_columns=["image", "label"], output_columns=["image", "target"])
-    return Loader(data, num_samples, num_classes, source)
+    plan = train_plan(config, len(source), rank, group_size)
+    batches = TrainBatches(source, plan, TrainTransform(config, img_size), _mixer(config, num_classes),
+                           config["skip_corrupt"])
+    return Loader(batches, plan.batches_per_epoch * plan.batch_size, num_classes, plan.batches_per_epoch,
+                  workers(config), config["python_multiprocessing"])
 
 
 def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: int = 1, split: str = "val",
@@ -167,16 +232,14 @@ def create_eval_loader(config: dict, img_size: int, rank: int = 0, group_size: i
     `subset` draws that many images of the split at random (seeded), in index order: the calibration
     set that thresholds are solved on is such a subset of the training split.
     """
-    resize = ResizeCenterCrop(img_size, eval_resize(config, img_size), PIL_INTERPOLATIONS[config["interpolation"]])
     class_names = None
     if config["dataset"] == "folder" and config["data_path"]:
         class_names = find_classes(os.path.join(config["data_path"], config["train_split"]))  # names only
-    source, num_classes = _source(config, split, resize, class_names)
+    source, num_classes = _source(config, split, class_names)
     chosen = np.arange(len(source))
     if subset is not None and subset < len(source):
         chosen = np.sort(np.random.default_rng(subset_seed).choice(len(source), subset, replace=False))
     indices = chosen[rank::group_size].tolist()
-    data = _generator(config, source, sampler=ds.SubsetSampler(indices))
-    data = data.map(_normalise(config), input_columns="image", num_parallel_workers=workers(config))
-    data = data.batch(config["eval_batch_size"], drop_remainder=False)
-    return Loader(data, len(indices), num_classes, source)
+    batches = EvalBatches(source, indices, config["eval_batch_size"], EvalTransform(config, img_size),
+                          config["skip_corrupt"])
+    return Loader(batches, len(indices), num_classes, len(batches), workers(config), config["python_multiprocessing"])

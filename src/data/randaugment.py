@@ -3,11 +3,11 @@
 Each call draws ``num_ops`` operations uniformly with replacement from the "increasing" op list and applies
 each with probability ``prob``. Per application the magnitude is drawn from Normal(m, mstd) and clipped to
 [0, 10]; signed ops (rotate, shear, translate, enhance deltas) flip sign with probability 0.5, and the
-geometric ops resample bilinear or bicubic at random and fill with the ImageNet mean. Randomness comes from
-NumPy's global RNG and ``random``, which ``mindspore.dataset.config.set_seed`` seeds.
+geometric ops resample bilinear or bicubic at random and fill with the ImageNet mean. Every random draw comes
+from the ``numpy.random.Generator`` passed in, so an image's augmentation depends only on its own key (see
+``src/data/stream.py``), never on which thread or process ran it.
 """
 
-import random
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -26,7 +26,7 @@ _RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 _SOLARIZE_ADD_THRESHOLD = 128
 
 Fill = tuple[int, int, int]
-Op = Callable[[Image.Image, float, Fill], Image.Image]
+Op = Callable[[Image.Image, float, Fill, np.random.Generator], Image.Image]
 
 
 class _Enhancer(Protocol):
@@ -38,49 +38,53 @@ def _level(magnitude: float, maximum: float) -> float:
     return magnitude / MAX_MAGNITUDE * maximum
 
 
-def _signed(value: float) -> float:
+def _signed(value: float, rng: np.random.Generator) -> float:
     """Negate with probability 0.5: rotate, shear, translate and the enhance deltas act both ways."""
-    return -value if random.random() < 0.5 else value
+    return -value if rng.random() < 0.5 else value
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...], fill: Fill) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=random.choice(_RESAMPLE), fillcolor=fill)
+def _resample(rng: np.random.Generator) -> Image.Resampling:
+    return _RESAMPLE[int(rng.integers(len(_RESAMPLE)))]
 
 
-def _rotate(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-    degrees = _signed(_level(magnitude, 30.0))
-    return img.rotate(degrees, resample=random.choice(_RESAMPLE), fillcolor=fill)
+def _affine(img: Image.Image, matrix: tuple[float, ...], fill: Fill, rng: np.random.Generator) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=_resample(rng), fillcolor=fill)
 
 
-def _shear_x(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-    return _affine(img, (1.0, _signed(_level(magnitude, 0.3)), 0.0, 0.0, 1.0, 0.0), fill)
+def _rotate(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    degrees = _signed(_level(magnitude, 30.0), rng)
+    return img.rotate(degrees, resample=_resample(rng), fillcolor=fill)
 
 
-def _shear_y(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-    return _affine(img, (1.0, 0.0, 0.0, _signed(_level(magnitude, 0.3)), 1.0, 0.0), fill)
+def _shear_x(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    return _affine(img, (1.0, _signed(_level(magnitude, 0.3), rng), 0.0, 0.0, 1.0, 0.0), fill, rng)
 
 
-def _translate_x(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-    pixels = _signed(_level(magnitude, 0.45)) * img.width
-    return _affine(img, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+def _shear_y(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    return _affine(img, (1.0, 0.0, 0.0, _signed(_level(magnitude, 0.3), rng), 1.0, 0.0), fill, rng)
 
 
-def _translate_y(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-    pixels = _signed(_level(magnitude, 0.45)) * img.height
-    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+def _translate_x(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    pixels = _signed(_level(magnitude, 0.45), rng) * img.width
+    return _affine(img, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill, rng)
 
 
-def _posterize_increasing(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+def _translate_y(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    pixels = _signed(_level(magnitude, 0.45), rng) * img.height
+    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill, rng)
+
+
+def _posterize_increasing(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
     """Keep the 4 - int(4*m/10) high bits; a LUT, as recent Pillow refuses 0 bits (magnitude 10: black)."""
     mask = (0xFF << (8 - (4 - int(_level(magnitude, 4.0))))) & 0xFF
     return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
-def _solarize_increasing(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+def _solarize_increasing(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
     return ImageOps.solarize(img, 256 - int(_level(magnitude, 256.0)))
 
 
-def _solarize_add(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
+def _solarize_add(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
     add = int(_level(magnitude, 110.0))
     lut = [min(255, i + add) if i < _SOLARIZE_ADD_THRESHOLD else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -89,16 +93,16 @@ def _solarize_add(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image
 def _enhance_increasing(enhancer: Callable[[Image.Image], _Enhancer]) -> Op:
     """An enhance op whose factor is 1 ± 0.9*m/10: stronger magnitude means a stronger change either way."""
 
-    def op(img: Image.Image, magnitude: float, fill: Fill) -> Image.Image:
-        return enhancer(img).enhance(1.0 + _signed(_level(magnitude, 0.9)))
+    def op(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+        return enhancer(img).enhance(1.0 + _signed(_level(magnitude, 0.9), rng))
 
     return op
 
 
 OPS: dict[str, Op] = {
-    "AutoContrast": lambda img, magnitude, fill: ImageOps.autocontrast(img),
-    "Equalize": lambda img, magnitude, fill: ImageOps.equalize(img),
-    "Invert": lambda img, magnitude, fill: ImageOps.invert(img),
+    "AutoContrast": lambda img, magnitude, fill, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, magnitude, fill, rng: ImageOps.equalize(img),
+    "Invert": lambda img, magnitude, fill, rng: ImageOps.invert(img),
     "Rotate": _rotate,
     "PosterizeIncreasing": _posterize_increasing,
     "SolarizeIncreasing": _solarize_increasing,
@@ -122,15 +126,17 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image)
 
 
-def apply_op(image: np.ndarray, name: str, magnitude: float, fill: Fill = IMAGENET_MEAN_FILL) -> np.ndarray:
-    """Apply one named op at a fixed magnitude to an HWC uint8 RGB array (no probability, no magnitude noise)."""
+def apply_op(image: np.ndarray, name: str, magnitude: float, rng: np.random.Generator,
+             fill: Fill = IMAGENET_MEAN_FILL) -> np.ndarray:
+    """Apply one named op at a fixed magnitude to an HWC uint8 RGB array (no probability, no magnitude noise);
+    `rng` draws only the op's sign and resampling filter."""
     if name not in OPS:
         raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(OPS)}")
-    return np.array(OPS[name](_to_pil(image), float(magnitude), tuple(fill)))
+    return np.array(OPS[name](_to_pil(image), float(magnitude), tuple(fill), rng))
 
 
 class RandAugment:
-    """timm-style RandAugment on HWC uint8 RGB arrays; picklable, so it runs in MindSpore worker processes."""
+    """timm-style RandAugment on RGB images; picklable, so it runs in MindSpore worker processes."""
 
     def __init__(
         self,
@@ -163,18 +169,21 @@ class RandAugment:
         self.fill: Fill = (int(fill[0]), int(fill[1]), int(fill[2]))
         self.ops = tuple(ops)
 
-    def sample_magnitude(self) -> float:
+    def sample_magnitude(self, rng: np.random.Generator) -> float:
         """Draw one op application's magnitude: Normal(magnitude, magnitude_std) clipped to [0, 10]."""
-        magnitude = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+        magnitude = rng.normal(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
         return min(max(magnitude, 0.0), MAX_MAGNITUDE)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Augment one HWC uint8 RGB image; returns a new array of the same shape and dtype."""
-        img = _to_pil(image)
-        for index in np.random.randint(len(self.ops), size=self.num_ops):
-            if random.random() < self.prob:
-                img = OPS[self.ops[index]](img, self.sample_magnitude(), self.fill)
-        return np.array(img)
+    def augment(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Augment one RGB PIL image with the draws of `rng`."""
+        for index in rng.integers(len(self.ops), size=self.num_ops):
+            if rng.random() < self.prob:
+                img = OPS[self.ops[index]](img, self.sample_magnitude(rng), self.fill, rng)
+        return img
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Augment one HWC uint8 RGB array; returns a new array of the same shape and dtype."""
+        return np.array(self.augment(_to_pil(image), rng))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "

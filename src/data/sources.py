@@ -1,21 +1,18 @@
 """Where images come from: ImageNet-style class folders, the CIFAR binary release, and the demo digits.
 
-Folder images are decoded with PIL in the loader threads, so a corrupt file is reported with its path
-(or skipped and counted, with `skip_corrupt`), and grayscale, palette and RGBA images become RGB the way
-torchvision's loader makes them. Each source yields (HWC uint8 RGB image, int32 label).
+Each source is random access: `load(index)` gives (RGB PIL image, label) and `name(index)` says which image
+that is. Folder images are decoded with PIL in the loader's workers, so a corrupt file raises a DataError
+naming its path; grayscale, palette and RGBA images become RGB the way torchvision's loader makes them.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SKIPPED_LABEL = -1
 DEMO_IMAGE_SIDE = 32
 DEMO_VAL_FRACTION = 0.2
 DEMO_SPLIT_SEED = 0
@@ -72,56 +69,38 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ImageFolderSource:
-    """Random-access source over (path, label) items for `mindspore.dataset.GeneratorDataset`.
+    """(path, label) items of a class-folder dataset, decoded on demand."""
 
-    `pil_transform` runs on the decoded PIL image (evaluation resizes with PIL bicubic, as the
-    reference does). With `skip_corrupt`, an unreadable image yields the label SKIPPED_LABEL, which
-    the pipeline filters out, and its path is recorded in `skipped`.
-    """
-
-    def __init__(self, items: list[tuple[str, int]], skip_corrupt: bool = False,
-                 pil_transform: Callable[[Image.Image], Image.Image] | None = None):
+    def __init__(self, items: list[tuple[str, int]]):
         self.items = items
-        self.skip_corrupt = skip_corrupt
-        self.pil_transform = pil_transform
-        self.skipped: set[str] = set()
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
+    def name(self, index: int) -> str:
+        return self.items[index][0]
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.items[index]
-        try:
-            image = load_rgb(path)
-        except DataError:
-            if not self.skip_corrupt:
-                raise
-            with self._lock:
-                self.skipped.add(path)
-            return np.zeros((1, 1, 3), np.uint8), np.int32(SKIPPED_LABEL)
-        if self.pil_transform is not None:
-            image = self.pil_transform(image)
-        return np.asarray(image, dtype=np.uint8), np.int32(label)
+        return load_rgb(path), label
 
 
 class ArraySource:
-    """Random-access source over in-memory HWC uint8 images (the demo digits)."""
+    """In-memory HWC uint8 RGB images (the demo digits, CIFAR)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray,
-                 pil_transform: Callable[[Image.Image], Image.Image] | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, description: str):
         self.images = images
         self.labels = labels.astype(np.int32)
-        self.pil_transform = pil_transform
+        self.description = description
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
-        image = self.images[index]
-        if self.pil_transform is not None:
-            image = np.asarray(self.pil_transform(Image.fromarray(image)), dtype=np.uint8)
-        return image, self.labels[index]
+    def name(self, index: int) -> str:
+        return f"{self.description} image {index}"
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
 def demo_digits(split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
 """Checkpoints that are never half-written, carry their metadata, and restore a run exactly.
 
 Two kinds, each a `.ckpt` with a `.json` beside it:
-- a training state `<model>-e<epoch>.ckpt`: model, EMA shadow (`ema.*`), optimizer moments and step,
-  loss-scale state; `--resume` restores all of it;
+- a training state: model, EMA shadow (`ema.*`), optimizer moments and step, loss-scale state; `--resume`
+  restores all of it. `<model>-e<epoch>.ckpt` at the end of an epoch, `<model>-e<epoch>-s<step>.ckpt` inside
+  one (`save_interval_steps`); the JSON's `step` (optimizer updates done) orders them;
 - `best.ckpt`: model weights only (the EMA's when EMA is on), for eval.py, export.py and `create_model`.
 Both files are written to a hidden temp name and renamed, JSON last: a checkpoint whose JSON exists is
 complete, and a killed run leaves at worst a temp file that the next run removes.
@@ -21,6 +22,7 @@ import numpy as np
 from mindspore import nn
 
 from ..models.weights import CheckpointMismatch, compare_parameters, parameter_shapes, read_checkpoint
+from .train_step import ACCUMULATOR_PREFIX
 
 TRAIN_STATE = "train_state"
 MODEL_WEIGHTS = "model"
@@ -138,8 +140,8 @@ def load_train_state(train_step: nn.Cell, path: str, spec_dict: dict, model_name
     check_architecture(meta, spec_dict, model_name, path)
     params = read_checkpoint(path)
     params.pop(SCHEDULE_PARAMETER, None)
-    expected = parameter_shapes(train_step)
-    expected.pop(SCHEDULE_PARAMETER, None)
+    expected = {name: shape for name, shape in parameter_shapes(train_step).items()
+                if name != SCHEDULE_PARAMETER and not name.startswith(ACCUMULATOR_PREFIX)}
     compare_parameters(expected, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
     ms.load_param_into_net(train_step, params, strict_load=False)
     return meta
@@ -164,22 +166,27 @@ class CheckpointManager:
         return stale
 
     def train_states(self) -> list[tuple[int, str]]:
-        """(epoch, path) of every complete training checkpoint, oldest first."""
-        pattern = re.compile(re.escape(self.model_name) + r"-e(\d+)\.ckpt$")
+        """(step, path) of every complete training checkpoint, oldest first."""
+        pattern = re.compile(re.escape(self.model_name) + r"-e\d+(-s\d+)?\.ckpt$")
         found = []
         for path in glob.glob(os.path.join(self.run_dir, f"{self.model_name}-e*.ckpt")):
-            match = pattern.search(os.path.basename(path))
-            if match and os.path.isfile(meta_path(path)):
-                found.append((int(match.group(1)), path))
+            if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(meta_path(path)):
+                found.append((int(read_meta(path).get("step", -1)), path))
         return sorted(found)
 
     def latest(self) -> str | None:
         states = self.train_states()
         return states[-1][1] if states else None
 
-    def save_train_state(self, train_step: nn.Cell, epoch: int, meta: dict) -> str:
-        path = os.path.join(self.run_dir, f"{self.model_name}-e{epoch:04d}.ckpt")
-        save_checkpoint(train_step, path, dict(meta, kind=TRAIN_STATE, epoch=epoch))
+    def save_train_state(self, train_step: nn.Cell, epoch: int, meta: dict, mid_epoch: bool = False) -> str:
+        """Save the whole training state after `epoch` complete epochs and `meta['step']` updates; inside an
+        epoch (`mid_epoch`) the name says the epoch in progress and the step."""
+        name = f"{self.model_name}-e{epoch + 1:04d}-s{meta['step']:08d}" if mid_epoch else \
+            f"{self.model_name}-e{epoch:04d}"
+        path = os.path.join(self.run_dir, name + ".ckpt")
+        params = [{"name": p.name, "data": p.data} for p in train_step.get_parameters()
+                  if not p.name.startswith(ACCUMULATOR_PREFIX)]
+        save_checkpoint(params, path, dict(meta, kind=TRAIN_STATE, epoch=epoch))
         for _, old in self.train_states()[:-self.keep]:
             os.remove(meta_path(old))
             os.remove(old)

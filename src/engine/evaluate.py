@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import mindspore as ms
 import numpy as np
@@ -38,11 +39,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(-1, keepdims=True)
 
 
-def collect_probs(net: nn.Cell, dataset, num_exits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every exit's softmax over a dataset: (K, N, C) float32 probabilities and (N,) labels."""
+def collect_probs(net: nn.Cell, batches: Iterable, num_exits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's softmax over (images, labels) batches: (K, N, C) float32 probabilities and (N,) labels."""
     net.set_train(False)
     probs, labels = [[] for _ in range(num_exits)], []
-    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1):
+    for images, batch_labels in batches:
         for k, logits in enumerate(net(images)):
             probs[k].append(softmax(logits.asnumpy()).astype(np.float32))
         labels.append(batch_labels.asnumpy())
@@ -58,12 +59,13 @@ def accuracy_per_exit(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"top1": top1, "top5": top5, "count": len(labels)}
 
 
-def evaluate(net: nn.Cell, dataset, num_exits: int, group_size: int = 1) -> dict:
-    """Accuracy (%) of each exit: {'top1': [...], 'top5': [...], 'count': N}. `net` returns every exit."""
+def evaluate(net: nn.Cell, batches: Iterable, num_exits: int, group_size: int = 1) -> dict:
+    """Accuracy (%) of each exit over (images, labels) batches: {'top1': [...], 'top5': [...], 'count': N}.
+    `net` returns every exit."""
     net.set_train(False)
     counts = np.zeros((2, num_exits), np.float64)
     total = 0
-    for images, labels in dataset.create_tuple_iterator(num_epochs=1):
+    for images, labels in batches:
         labels_np = labels.asnumpy()
         for k, logits in enumerate(net(images)):
             logits_np = logits.asnumpy()

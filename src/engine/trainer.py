@@ -10,20 +10,17 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 
 import mindspore as ms
-import mindspore.dataset as ds
 from mindspore import ParameterTuple, Tensor, nn, ops
 from tqdm import tqdm
 
 from ..config import save_config
 from ..data.pipeline import create_eval_loader, create_train_loader
-from ..data.sources import DataError
 from ..flops import exit_gflops
-from ..models import DVT, create_model
+from ..models import DVT, CheckpointMismatch, create_model
 from ..models.tokenizers import TokenPerformer
 from .checkpoint import (
     CheckpointManager,
@@ -36,7 +33,7 @@ from .checkpoint import (
 from .evaluate import evaluate
 from .optim import AdamW, param_groups
 from .schedule import cosine_schedule
-from .train_step import DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
+from .train_step import AccumulateGrads, DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
 
 log = logging.getLogger("dvt")
 MAX_SKIPPED_IN_A_ROW = 100
@@ -60,6 +57,8 @@ def use_device(target: str) -> None:
 def setup_device(config: dict) -> tuple[int, int]:
     """Graph mode on the configured device; with `distribute`, join the communication group."""
     use_device(config["device_target"])
+    if config["deterministic"]:
+        ms.set_context(deterministic="ON")
     if not config["distribute"]:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
@@ -149,21 +148,82 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step`: a resumed run writes them again."""
+        if not self.path or not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+        os.replace(tmp, self.path)
+
 
 def _format_accuracy(result: dict) -> str:
     return " / ".join(f"{acc:.2f}" for acc in result["top1"])
 
 
-def _batches(dataset):
-    """Iterate a loader, turning an unreadable image deep in the pipeline into a DataError naming it."""
-    try:
-        yield from dataset.create_tuple_iterator(num_epochs=1)
-    except RuntimeError as err:
-        found = re.search(r"DataError: (cannot read image [^\n]*)", str(err))
-        if found is None:
-            raise
-        raise DataError(f"{found.group(1).strip()}\n(set skip_corrupt: true to skip and count unreadable images)"
-                        ) from None
+class DeviceReadings:
+    """The per-update vectors (loss, overflowed, loss scale) the train step leaves on the device, read in one
+    go when the host needs them (every log_interval updates, before a checkpoint, at the epoch's end), so the
+    device queue is not stalled every step. Also keeps the epoch's loss sum and the skipped-update counts."""
+
+    def __init__(self, config: dict):
+        self.dynamic = config["loss_scale_type"] == "dynamic"
+        self.pending: list[tuple[int, int, float, Tensor]] = []
+        self.loss_sum, self.loss_count, self.skipped_total, self.skipped_in_a_row = 0.0, 0, 0, 0
+
+    def add(self, epoch: int, step: int, lr: float, vector: Tensor) -> None:
+        self.pending.append((epoch, step, lr, vector))
+
+    def read(self, log_every: int, metrics: MetricsLog, last_saved: str | None) -> None:
+        """Read what is pending, check it, write the step records that are due."""
+        if not self.pending:
+            return
+        values = ops.stack([vector for *_, vector in self.pending]).asnumpy()
+        for (epoch, step, lr, _), (loss, overflowed, loss_scale) in zip(self.pending, values, strict=True):
+            overflowed = bool(overflowed) or not math.isfinite(loss)
+            if overflowed:
+                self.skipped_total += 1
+                self.skipped_in_a_row += 1
+                if not self.dynamic or self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    self.pending.clear()
+                    raise TrainingDiverged(
+                        f"the loss is {loss} at epoch {epoch + 1}, step {step} (lr {lr:.3g}); stopped without "
+                        f"saving. The last good checkpoint is {last_saved or 'none (nothing was saved)'}. Lower lr, "
+                        "set clip_grad, or use loss_scale_type: dynamic for fp16.")
+            else:
+                self.skipped_in_a_row = 0
+                self.loss_sum += float(loss)
+                self.loss_count += 1
+            if step % log_every == 0:
+                metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr, "loss": float(loss),
+                               "loss_scale": float(loss_scale), "overflow": overflowed})
+        self.pending.clear()
+
+    def epoch_state(self) -> dict:
+        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "skipped_total": self.skipped_total,
+                "skipped_in_a_row": self.skipped_in_a_row}
+
+    def restore(self, state: dict) -> None:
+        self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
+        self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
+
+    def end_epoch(self) -> float:
+        """The epoch's mean loss over applied updates; starts the next epoch's sum."""
+        mean = self.loss_sum / max(self.loss_count, 1)
+        self.loss_sum, self.loss_count = 0.0, 0
+        return mean
+
+
+def _resume_path(config: dict, run_dir: str) -> str | None:
+    resume = config["resume"]
+    if resume == "auto":
+        resume = CheckpointManager(run_dir, config["model"], config["keep_checkpoints"]).latest()
+        if resume is None:
+            log.info("resume auto: no checkpoint in %s, starting from scratch", run_dir)
+    return resume
 
 
 def train(config: dict) -> dict:
@@ -173,7 +233,6 @@ def train(config: dict) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     setup_logging(run_dir, rank)
     ms.set_seed(config["seed"])
-    ds.config.set_seed(config["seed"] + rank)
     is_main = rank == 0
 
     # The model first, for img_size; the data then fixes num_classes, which must agree with the config.
@@ -193,12 +252,10 @@ def train(config: dict) -> dict:
         replicate_rank_zero(net, rank)
     apply_amp(net, config["amp_level"])
 
-    steps_per_epoch = train_loader.dataset.get_dataset_size()
-    if config["max_steps_per_epoch"]:
-        steps_per_epoch = min(steps_per_epoch, config["max_steps_per_epoch"])
-        train_loader.dataset = train_loader.dataset.take(steps_per_epoch)
+    accum = config["accum_steps"]
+    updates_per_epoch = train_loader.batches_per_epoch // accum
     total_epochs = config["epochs"] + config["cooldown_epochs"]
-    schedule = cosine_schedule(config["lr"], config["epochs"], steps_per_epoch, config["warmup_epochs"],
+    schedule = cosine_schedule(config["lr"], config["epochs"], updates_per_epoch, config["warmup_epochs"],
                                config["warmup_lr"], config["min_lr"], config["cooldown_epochs"],
                                per_step=config["lr_per_step"])
     optimizer = AdamW(param_groups(net, config["weight_decay"], config["decay_tokens"]),
@@ -210,7 +267,8 @@ def train(config: dict) -> dict:
         apply_amp(shadow, config["amp_level"])
         ema = ModelEMA(net, shadow, config["ema_decay"])
     scale = loss_scale_sense(config["loss_scale_type"], config["loss_scale"], config["loss_scale_window"])
-    train_step = TrainStep(DVTWithLoss(net), optimizer, scale, config["clip_grad"], ema)
+    train_step = TrainStep(DVTWithLoss(net), optimizer, scale, config["clip_grad"], ema, accum)
+    accumulate = AccumulateGrads(train_step) if accum > 1 else None
 
     checkpoints = None
     if is_main or config["ckpt_all_ranks"]:
@@ -220,78 +278,87 @@ def train(config: dict) -> dict:
         for stale in checkpoints.remove_partial():
             log.info("removed %s, a partial file of an interrupted run", stale)
         save_config(config, os.path.join(run_dir, "config.yaml"))
-    start_epoch, best = 0, {"metric": -1.0, "epoch": None}
-    resume = config["resume"]
-    if resume == "auto":
-        resume = CheckpointManager(run_dir, config["model"], config["keep_checkpoints"]).latest()
-        if resume is None:
-            log.info("resume auto: no checkpoint in %s, starting from scratch", run_dir)
+    best = {"metric": -1.0, "epoch": None}
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
+    readings = DeviceReadings(config)
+    resume = _resume_path(config, run_dir)
     if resume:
         meta = load_train_state(train_step, resume, spec_dict, config["model"])
-        start_epoch = meta["epoch"]
+        saved_updates = meta.get("updates_per_epoch", updates_per_epoch)
+        if saved_updates != updates_per_epoch:
+            raise CheckpointMismatch(
+                f"{resume} was saved by a run of {saved_updates} updates per epoch, this one has {updates_per_epoch} "
+                "(batch_size, accum_steps, the number of devices or max_steps_per_epoch differ); resume with the "
+                "same ones, or start from its weights with --pretrained")
         best = meta.get("best", best)
+        if meta.get("epoch_state"):
+            readings.restore(meta["epoch_state"])
+        metrics.keep_until(meta["step"])
         log.info("resumed %s: epoch %d done, step %d", resume, meta["epoch"], meta["step"])
 
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
     base_meta = {"model": config["model"], "spec": spec_dict, "num_classes": config["num_classes"],
                  "grids": list(net.spec.grids), "exit_gflops": gflops, "img_size": img_size,
-                 "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"]}
-    log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank, %d steps/epoch x %d epochs, "
-             "%d rank(s)", config["model"], net.num_exits, net.spec.grids, gflops[-1],
-             [round(g, 4) for g in gflops], train_loader.num_samples, steps_per_epoch, total_epochs, group_size)
+                 "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
+                 "updates_per_epoch": updates_per_epoch}
+    log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank and epoch, %d updates/epoch "
+             "(%d x %d images per rank each) x %d epochs, %d rank(s)", config["model"], net.num_exits,
+             net.spec.grids, gflops[-1], [round(g, 4) for g in gflops], train_loader.num_samples,
+             updates_per_epoch, accum, config["batch_size"], total_epochs, group_size)
 
     show_bar = is_main and config["progress"] and sys.stderr.isatty()
-    global_batch = config["batch_size"] * group_size
-    result, ema_result, skipped_in_a_row, skipped_total = None, None, 0, 0
+    update_images = config["batch_size"] * accum * group_size
+    result, ema_result = None, None
     last_saved = resume
-    # The schedule index, kept on the host: every step advances it, applied or skipped (see TrainStep).
+    # The schedule index, kept on the host: every update advances it, applied or skipped (see TrainStep).
     step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
-    for epoch in range(start_epoch, total_epochs):
+    stream = train_loader.batches(start=step * accum)
+
+    def save_state(epoch: int, mid_epoch: bool) -> str:
+        return checkpoints.save_train_state(
+            train_step, epoch, dict(base_meta, step=step, val=result, ema_val=ema_result, best=best,
+                                    epoch_state=readings.epoch_state()), mid_epoch)
+
+    for epoch in range(step // updates_per_epoch, total_epochs):
         train_step.set_train(True)
+        if accumulate is not None:
+            accumulate.set_train(True)
         started = time.perf_counter()
-        losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not show_bar,
-                   dynamic_ncols=True, leave=False)
-        for images, targets in _batches(train_loader.dataset):
+        first_update = step - epoch * updates_per_epoch
+        bar = tqdm(total=updates_per_epoch, initial=first_update, desc=f"epoch {epoch + 1}/{total_epochs}",
+                   disable=not show_bar, dynamic_ncols=True, leave=False)
+        for _ in range(first_update, updates_per_epoch):
             lr = float(schedule[min(step, len(schedule) - 1)])
-            loss, overflowed, loss_scale = train_step(images, targets)
+            for _ in range(accum - 1):
+                accumulate(*next(stream))
+            readings.add(epoch, step + 1, lr, train_step(*next(stream)))
             step += 1
-            loss_value = float(loss.asnumpy())
-            overflowed = bool(overflowed.asnumpy())
-            if not math.isfinite(loss_value) or overflowed:
-                skipped_total += 1
-                skipped_in_a_row += 1
-                if config["loss_scale_type"] != "dynamic" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise TrainingDiverged(
-                        f"the loss is {loss_value} at epoch {epoch + 1}, step {step} (lr {lr:.3g}); stopped "
-                        f"without saving. The last good checkpoint is {last_saved or 'none (nothing was saved)'}. "
-                        "Lower lr, set clip_grad, or use loss_scale_type: dynamic for fp16.")
-            else:
-                skipped_in_a_row = 0
-                losses.append(loss_value)
-            elapsed = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}",
-                            img_s=f"{global_batch * bar.n / max(elapsed, 1e-9):.1f}")
             if step % config["log_interval"] == 0:
-                metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr, "loss": loss_value,
-                               "loss_scale": float(loss_scale.asnumpy()), "overflow": overflowed})
+                readings.read(config["log_interval"], metrics, last_saved)
+                rate = update_images * (bar.n - first_update) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
+            if (checkpoints and config["save_interval_steps"] and step % config["save_interval_steps"] == 0
+                    and step % updates_per_epoch):
+                readings.read(config["log_interval"], metrics, last_saved)
+                last_saved = save_state(epoch, mid_epoch=True)
         bar.close()
+        readings.read(config["log_interval"], metrics, last_saved)
         elapsed = time.perf_counter() - started
-        train_loss = sum(losses) / max(len(losses), 1)
+        train_loss = readings.end_epoch()
         last = epoch + 1 == total_epochs
         skipped = len(train_loader.skipped)
         log.info("epoch %d/%d: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s", epoch + 1, total_epochs, train_loss,
-                 float(schedule[min(step, len(schedule)) - 1]), global_batch * steps_per_epoch / elapsed, elapsed,
+                 float(schedule[min(step, len(schedule)) - 1]),
+                 update_images * (updates_per_epoch - first_update) / elapsed, elapsed,
                  f", {skipped} corrupt image(s) skipped so far" if skipped else "")
         record = {"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                  "overflow_steps": skipped_total, "seconds": elapsed}
+                  "overflow_steps": readings.skipped_total, "seconds": elapsed}
         if last or (epoch + 1) % config["eval_interval"] == 0:
-            result = evaluate(net, val_loader.dataset, net.num_exits, group_size)
+            result = evaluate(net, val_loader.batches(), net.num_exits, group_size)
             log.info("  val top-1 per exit: %s (%d images)", _format_accuracy(result), result["count"])
             record["val"] = result
             if ema is not None:
-                ema_result = evaluate(ema.shadow, val_loader.dataset, net.num_exits, group_size)
+                ema_result = evaluate(ema.shadow, val_loader.batches(), net.num_exits, group_size)
                 log.info("  EMA val top-1 per exit: %s", _format_accuracy(ema_result))
                 record["ema_val"] = ema_result
             chosen = ema_result if ema is not None else result
@@ -301,8 +368,7 @@ def train(config: dict) -> dict:
                 path = checkpoints.save_best(ema.shadow if ema is not None else net, best_meta)
                 log.info("  best last-exit top-1 %.2f: %s", best["metric"], path)
         if checkpoints and (last or (epoch + 1) % config["ckpt_interval"] == 0):
-            last_saved = checkpoints.save_train_state(
-                train_step, epoch + 1, dict(base_meta, step=step, val=result, ema_val=ema_result, best=best))
+            last_saved = save_state(epoch + 1, mid_epoch=False)
         metrics.write(record)
     if train_loader.skipped:
         log.warning("skipped %d corrupt image(s): %s", len(train_loader.skipped),
