@@ -2,21 +2,31 @@
 
 Every key of the recipe can be overridden on the command line (`--lr 1e-3 --epochs 5`); an unknown
 key is an error. Data-parallel runs are started by scripts/run_distribute_train.sh (msrun or a rank table).
+Exit status: 0 done, 1 an error (one line on stderr and in train.log), 128 + signal number (143 for SIGTERM,
+130 for SIGINT) when a signal stopped training at a step boundary.
 """
 
+import signal
 import sys
-
-from src.config import ConfigError, resolve
-from src.data.sources import DataError
-from src.engine.trainer import TrainingDiverged, train
-from src.models import CheckpointMismatch
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, so that the command line can hold SIGINT before MindSpore starts its threads (below).
+    from src.config import ConfigError, resolve
+    from src.data.sources import DataError
+    from src.engine.run_dir import RunDirectoryInUse
+    from src.engine.stop import TrainingStopped
+    from src.engine.trainer import TrainingDiverged, train
+    from src.models import CheckpointMismatch
+
     try:
         config, _ = resolve(argv, __doc__.splitlines()[0])
         summary = train(config)
-    except (ConfigError, DataError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, ValueError) as err:
+    except TrainingStopped as stopped:
+        print(f"train.py: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except (ConfigError, DataError, CheckpointMismatch, TrainingDiverged, RunDirectoryInUse, OSError,
+            ValueError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1
     if summary["rank"] == 0 and summary["val"]:
@@ -29,4 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # MindSpore turns SIGINT into SIGTERM while it runs graphs; held from here, a Ctrl+C reaches training
+    # between two updates as itself (src/engine/stop.py).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     sys.exit(main())

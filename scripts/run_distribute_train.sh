@@ -57,7 +57,33 @@ if [[ "$first" =~ ^[0-9]+$ ]]; then
     exit 0
   fi
   mkdir -p "$out/logs"
-  exec "${cmd[@]}"
+  # msrun answers Ctrl+C by killing its workers outright and does not handle SIGTERM at all (the workers, each
+  # in a session of its own, would train on). So msrun gets its own session too, and this script hands
+  # SIGTERM and SIGINT to the workers (MS_ROLE=MS_WORKER; not the scheduler), which stop together at a step
+  # boundary and save a training state (train.py); then it exits 128 + the signal's number.
+  setsid "${cmd[@]}" &
+  launcher=$! stopped=""
+  to_workers() {
+    stopped=$1
+    for pid in $(pgrep -P "$launcher" || true); do
+      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx MS_ROLE=MS_WORKER; then
+        kill -s "$1" "$pid" || true
+      fi
+    done
+  }
+  trap 'to_workers TERM' TERM
+  trap 'to_workers INT' INT
+  status=0
+  while :; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2>/dev/null || break  # a signal ended the wait, not msrun
+  done
+  if [ -n "$stopped" ]; then
+    echo "stopped by SIG$stopped: the workers stopped at one step boundary (see $out/logs); to continue, run the" \
+      "same command with --resume auto" >&2
+    [ "$stopped" = TERM ] && exit 143 || exit 130
+  fi
+  exit "$status"
 fi
 table=$(realpath -m "$first")
 [ -f "$table" ] || { echo "error: RANK_TABLE_FILE not found: $table" >&2; exit 1; }
@@ -77,12 +103,25 @@ if [ "$dry_run" = 1 ]; then
 fi
 mkdir -p "$out/logs"
 export RANK_TABLE_FILE="$table" RANK_SIZE="$rank_size"
-pids=()
+pids=() stopped=""
 while read -r rank device _ _; do
   RANK_ID=$rank DEVICE_ID=$device python train.py "${args[@]}" "$@" < /dev/null > "$out/logs/worker_$rank.log" 2>&1 &
   pids+=($!)
 done <<< "$plan"
+# SIGTERM and SIGINT go to every worker, which stop together at a step boundary (train.py).
+trap 'stopped=TERM; kill -s TERM "${pids[@]}" 2>/dev/null || true' TERM
+trap 'stopped=INT; kill -s INT "${pids[@]}" 2>/dev/null || true' INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for pid in "${pids[@]}"; do
+  while :; do
+    wait "$pid" && code=0 || code=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [ "$code" = 0 ] || status=1
+done
+if [ -n "$stopped" ]; then
+  echo "stopped by SIG$stopped: see $out/logs; to continue, run the same command with --resume auto" >&2
+  [ "$stopped" = TERM ] && exit 143 || exit 130
+fi
 [ "$status" = 0 ] || echo "a worker failed: see $out/logs/worker_<rank>.log" >&2
 exit "$status"

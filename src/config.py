@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_text
+
 
 @dataclass(frozen=True)
 class Option:
@@ -100,12 +102,17 @@ OPTIONS: dict[str, Option] = {
                             "and Ascend)", bool),
     "seed": Option(42, "random seed (rank is added for data augmentation)", int),
     "output_dir": Option("runs/default", "run directory: checkpoints, log, resolved config"),
+    "overwrite": Option(False, "train anew into an output_dir that holds another run: that run is moved aside to "
+                        "<output_dir>.replaced-<time> (without it, such a directory is refused unless resuming)",
+                        bool),
     "keep_checkpoints": Option(3, "training checkpoints kept (plus best)", int),
     "ckpt_all_ranks": Option(False, "ranks other than 0 also save, under output_dir/rank_<r> (to compare replicas)",
                              bool),
     "ckpt_interval": Option(1, "save a training checkpoint every this many epochs", int),
     "save_interval_steps": Option(None, "also save a training checkpoint every this many optimizer updates, "
                                   "inside epochs (resume continues with the next batch)", int, nullable=True),
+    "checkpoint_on_stop": Option(True, "on SIGTERM or SIGINT, save a training state where training stops",
+                                 bool),
     "max_steps_per_epoch": Option(None, "cap on steps per epoch (smoke tests)", int, nullable=True),
     "eval_interval": Option(1, "validate every this many epochs (and after the last)", int),
     "log_interval": Option(50, "every this many updates: read loss and overflow flags from the device, write a "
@@ -176,13 +183,17 @@ def _check_keys(keys, source: str) -> None:
 
 def load_recipe(path: str) -> dict[str, Any]:
     """Read a YAML recipe: a flat mapping of declared keys."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config path {path} is a directory: give a YAML recipe file (config/*.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        try:
+    try:
+        with open(path, encoding="utf-8") as handle:
             recipe = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
     if not isinstance(recipe, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not {type(recipe).__name__}")
     _check_keys(recipe, path)
@@ -224,8 +235,5 @@ def resolve(argv: list[str] | None, description: str,
 
 
 def save_config(config: dict[str, Any], path: str) -> None:
-    """Write the resolved config as YAML (atomically), so a run can be repeated from its directory."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config, handle, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML (whole or not at all), so a run can be repeated from its directory."""
+    write_text(path, yaml.safe_dump(config, sort_keys=False))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from src.engine.checkpoint import CheckpointManager, load_model_weights, load_train_state
+from src.atomic import WriteFailed, remove_partials
+from src.engine.checkpoint import CheckpointManager, load_model_weights, load_train_state, restore_newest
 from src.engine.optim import AdamW, param_groups
 from src.engine.train_step import AccumulateGrads, DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
 from src.engine.trainer import apply_amp
@@ -108,13 +109,14 @@ def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
     assert [s for s, _ in manager.train_states()] == [20, 30]
     # a checkpoint without its JSON is incomplete and never picked; stale temp files are removed
     open(os.path.join(str(tmp_path), "dvt_tiny_deit-e0009.ckpt"), "wb").close()
-    open(os.path.join(str(tmp_path), ".dvt_tiny_deit-e0004.tmp.ckpt"), "wb").close()
-    assert manager.latest().endswith("e0003.ckpt")
-    assert [os.path.basename(p) for p in manager.remove_partial()] == [".dvt_tiny_deit-e0004.tmp.ckpt"]
+    open(os.path.join(str(tmp_path), ".dvt_tiny_deit-e0004.partial-123.ckpt"), "wb").close()
+    latest = manager.train_states()[-1][1]
+    assert latest.endswith("e0003.ckpt")
+    assert [os.path.basename(p) for p in remove_partials(str(tmp_path))] == [".dvt_tiny_deit-e0004.partial-123.ckpt"]
     saved = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
     for p in net.get_parameters():
         p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)))
-    restored = load_train_state(step, manager.latest(), net.spec.to_dict(), "dvt_tiny_deit")
+    restored = load_train_state(step, latest, net.spec.to_dict(), "dvt_tiny_deit")
     assert restored["epoch"] == 3 and restored["step"] == 30
     for p in step.get_parameters():
         np.testing.assert_array_equal(p.asnumpy(), saved[p.name], err_msg=p.name)
@@ -125,8 +127,60 @@ def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
     load_model_weights(fresh, best)
     np.testing.assert_array_equal(fresh.stages[1].cls_token.asnumpy(), ema.shadow.stages[1].cls_token.asnumpy())
     from_state = tiny(seed=6)
-    load_model_weights(from_state, manager.latest(), prefer_ema=False)  # model weights out of a training state
+    load_model_weights(from_state, latest, prefer_ema=False)  # model weights out of a training state
     np.testing.assert_array_equal(from_state.stages[1].cls_token.asnumpy(), net.stages[1].cls_token.asnumpy())
+
+
+def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_state(step_parts, tmp_path, monkeypatch):
+    """Disk full in the middle of a save: no file of the new state remains, and the last good one restores."""
+    net, _, _, step = step_parts
+    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=1)
+    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
+    good = manager.save_train_state(step, 1, dict(meta, step=10))
+    saved = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
+    real_save = ms.save_checkpoint
+
+    def fill_the_disk(save_obj, path, *args, **kwargs):
+        real_save(save_obj, path, *args, **kwargs)
+        with open(path, "r+b") as handle:  # what a full disk leaves: the first bytes only
+            handle.truncate(os.path.getsize(path) // 3)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ms, "save_checkpoint", fill_the_disk)
+    for p in net.get_parameters():
+        p.set_data(ms.Tensor(np.full(p.shape, 7.0, np.float32)))
+    with pytest.raises(WriteFailed) as failed:
+        manager.save_train_state(step, 2, dict(meta, step=20))
+    assert str(failed.value) == (f"cannot write {tmp_path}/dvt_tiny_deit-e0002.ckpt: "
+                                 "[Errno 28] No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["dvt_tiny_deit-e0001.ckpt", "dvt_tiny_deit-e0001.json"]
+    monkeypatch.undo()
+    assert load_train_state(step, good, net.spec.to_dict(), "dvt_tiny_deit")["step"] == 10
+    for p in step.get_parameters():
+        np.testing.assert_array_equal(p.asnumpy(), saved[p.name], err_msg=p.name)
+
+
+def test_resume_skips_damaged_states_and_names_them(step_parts, tmp_path):
+    net, _, _, step = step_parts
+    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=3)
+    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
+    for epoch in (1, 2, 3):
+        manager.save_train_state(step, epoch, dict(meta, step=10 * epoch))
+    newest, middle = (os.path.join(str(tmp_path), f"dvt_tiny_deit-e000{e}.ckpt") for e in (3, 2))
+    with open(newest, "r+b") as handle:
+        handle.truncate(os.path.getsize(newest) // 2)
+    with open(middle[:-5] + ".json", "w") as handle:
+        handle.write('{"step": 2')
+    candidates = [path for _, path in reversed(manager.train_states())]
+    assert candidates[0] == newest and candidates[-1] == middle  # a damaged JSON is tried last
+    path, restored, skipped = restore_newest(step, candidates, net.spec.to_dict(), "dvt_tiny_deit")
+    assert path.endswith("e0001.ckpt") and restored["step"] == 10
+    assert list(skipped) == [newest] and skipped[newest].startswith(f"cannot read checkpoint {newest}")
+    path, restored, skipped = restore_newest(step, [newest, middle], net.spec.to_dict(), "dvt_tiny_deit")
+    assert path is None and restored is None and list(skipped) == [newest, middle]
+    assert skipped[middle].startswith(f"cannot read {middle[:-5]}.json")
+    assert manager.set_aside(newest) == newest + ".damaged"  # kept, but no longer a training state
+    assert [p for _, p in manager.train_states()] == [middle, os.path.join(str(tmp_path), "dvt_tiny_deit-e0001.ckpt")]
 
 
 @pytest.mark.parametrize("level", ["O2", "auto"])

@@ -227,6 +227,7 @@ def test_bad_input_is_a_clear_error(folder, tmp_path, capsys):
     assert "has 3 classes but num_classes is 1000" in error_of(
         "--dataset", "folder", "--data_path", folder, "--model", "dvt_tiny_deit", "--num_classes", "1000",
         "--img_size", "16", "--batch_size", "8", "--output_dir", str(tmp_path / "r"))
+    assert not os.path.exists(tmp_path / "r")  # a run that fails on its input creates nothing
 
 
 def test_resume_from_another_architecture_is_refused(folder, tmp_path, capsys):

@@ -5,8 +5,9 @@ Two kinds, each a `.ckpt` with a `.json` beside it:
   restores all of it. `<model>-e<epoch>.ckpt` at the end of an epoch, `<model>-e<epoch>-s<step>.ckpt` inside
   one (`save_interval_steps`); the JSON's `step` (optimizer updates done) orders them;
 - `best.ckpt`: model weights only (the EMA's when EMA is on), for eval.py, export.py and `create_model`.
-Both files are written to a hidden temp name and renamed, JSON last: a checkpoint whose JSON exists is
-complete, and a killed run leaves at worst a temp file that the next run removes.
+Both files are written all-or-nothing (src/atomic.py), JSON last: a checkpoint whose JSON exists is
+complete, and a killed run leaves at worst a temp file that the next run removes. `--resume auto` takes the
+newest training state that loads, skipping (and naming) damaged ones.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ..models.weights import CheckpointMismatch, compare_parameters, parameter_shapes, read_checkpoint
+from ..atomic import write_atomic, write_json
+from ..models.weights import (
+    CheckpointMismatch,
+    UnreadableCheckpoint,
+    compare_parameters,
+    parameter_shapes,
+    read_checkpoint,
+)
 from .train_step import ACCUMULATOR_PREFIX
 
 TRAIN_STATE = "train_state"
 MODEL_WEIGHTS = "model"
 EMA_PREFIX = "ema."
 BEST_NAME = "best"
+DAMAGED_SUFFIX = ".damaged"
 # The optimizer's learning-rate array: the resumed run's own schedule applies, indexed by the restored step.
 SCHEDULE_PARAMETER = "learning_rate"
 # Spec fields that change what a checkpoint holds; dropout rates may differ between runs.
@@ -42,36 +51,25 @@ def meta_path(ckpt_path: str) -> str:
     return os.path.splitext(ckpt_path)[0] + ".json"
 
 
-def _temp_name(path: str) -> str:
-    """A hidden name beside `path`; it keeps the extension, which MindSpore's writer insists on."""
-    folder, base = os.path.split(path)
-    stem, ext = os.path.splitext(base)
-    return os.path.join(folder, f".{stem}.tmp{ext}")
-
-
-def write_json(obj: dict, path: str) -> None:
-    tmp = _temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(save_obj, path: str, meta: dict) -> None:
-    """Write a checkpoint and its JSON atomically (temp file, then rename; JSON last)."""
-    tmp = _temp_name(path)
-    ms.save_checkpoint(save_obj, tmp)
-    os.replace(tmp, path)
-    write_json(meta, meta_path(path))
+    """Write a checkpoint and its JSON, each all-or-nothing, JSON last."""
+    write_atomic(path, lambda tmp: ms.save_checkpoint(save_obj, tmp))
+    write_json(meta_path(path), meta)
 
 
 def read_meta(ckpt_path: str) -> dict:
+    """The JSON beside a checkpoint ({} when there is none)."""
     path = meta_path(ckpt_path)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UnreadableCheckpoint(f"cannot read {path}: {err}") from err
+    if not isinstance(meta, dict):
+        raise UnreadableCheckpoint(f"cannot read {path}: not a JSON object")
+    return meta
 
 
 def architecture(spec_dict: dict) -> dict:
@@ -131,6 +129,20 @@ def load_pretrained(net: nn.Cell, path: str) -> list[str]:
     return dropped
 
 
+def restore_newest(train_step: nn.Cell, candidates: list[str], spec_dict: dict,
+                   model_name: str) -> tuple[str | None, dict | None, dict[str, str]]:
+    """Restore the first of `candidates` (newest first) that loads whole: (its path, its JSON, {damaged path
+    before it: why}). A checkpoint of another architecture or run shape is not damage: it stops the search with
+    its error."""
+    skipped = {}
+    for path in candidates:
+        try:
+            return path, load_train_state(train_step, path, spec_dict, model_name), skipped
+        except UnreadableCheckpoint as err:
+            skipped[path] = str(err)
+    return None, None, skipped
+
+
 def load_train_state(train_step: nn.Cell, path: str, spec_dict: dict, model_name: str) -> dict:
     """Restore weights, EMA, optimizer moments and step, loss scale; returns the metadata (epoch, step)."""
     meta = read_meta(path)
@@ -158,25 +170,27 @@ class CheckpointManager:
         self.keep = keep
         os.makedirs(run_dir, exist_ok=True)
 
-    def remove_partial(self) -> list[str]:
-        """Delete temp files a killed run left behind; returns their paths."""
-        stale = glob.glob(os.path.join(self.run_dir, ".*.tmp*"))
-        for path in stale:
-            os.remove(path)
-        return stale
-
     def train_states(self) -> list[tuple[int, str]]:
-        """(step, path) of every complete training checkpoint, oldest first."""
+        """(step, path) of every complete training checkpoint, oldest first; one whose JSON is damaged comes
+        first (step -1), so that resuming tries it last and names it."""
         pattern = re.compile(re.escape(self.model_name) + r"-e\d+(-s\d+)?\.ckpt$")
         found = []
-        for path in glob.glob(os.path.join(self.run_dir, f"{self.model_name}-e*.ckpt")):
+        for path in glob.glob(os.path.join(glob.escape(self.run_dir), f"{self.model_name}-e*.ckpt")):
             if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(meta_path(path)):
-                found.append((int(read_meta(path).get("step", -1)), path))
+                try:
+                    step = int(read_meta(path).get("step", -1))
+                except (UnreadableCheckpoint, TypeError, ValueError):
+                    step = -1
+                found.append((step, path))
         return sorted(found)
 
-    def latest(self) -> str | None:
-        states = self.train_states()
-        return states[-1][1] if states else None
+    def set_aside(self, path: str) -> str:
+        """Rename a damaged training state (and its JSON) to `<name>.damaged`: kept for inspection, never
+        resumed, never counted or pruned as a newer state."""
+        for name in (path, meta_path(path)):
+            if os.path.exists(name):
+                os.replace(name, name + DAMAGED_SUFFIX)
+        return path + DAMAGED_SUFFIX
 
     def save_train_state(self, train_step: nn.Cell, epoch: int, meta: dict, mid_epoch: bool = False) -> str:
         """Save the whole training state after `epoch` complete epochs and `meta['step']` updates; inside an

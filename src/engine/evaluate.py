@@ -20,8 +20,9 @@ class _SumOverRanks(nn.Cell):
 
 
 @functools.cache
-def _sum_over_ranks() -> _SumOverRanks:
-    """One cell per process, so its graph is compiled once, not after every epoch."""
+def sum_over_ranks() -> _SumOverRanks:
+    """An all-reduce sum over the ranks; one cell per process, so its graph is compiled once per input shape,
+    not after every epoch."""
     return _SumOverRanks()
 
 
@@ -74,7 +75,7 @@ def evaluate(net: nn.Cell, batches: Iterable, num_exits: int, group_size: int = 
         total += len(labels_np)
     if group_size > 1:
         packed = np.concatenate([counts.ravel(), [total]]).astype(np.float32)
-        packed = _sum_over_ranks()(ms.Tensor(packed)).asnumpy().astype(np.float64)
+        packed = sum_over_ranks()(ms.Tensor(packed)).asnumpy().astype(np.float64)
         counts, total = packed[:-1].reshape(2, num_exits), int(round(packed[-1]))
     if total == 0:
         raise ValueError("the validation set is empty")

@@ -1,7 +1,9 @@
 """The training run behind train.py: device and ranks, data, model, optimizer, loop, checkpoints, logs.
 
 Rank 0 writes everything in `output_dir`: `config.yaml` (the resolved config), `train.log`,
-`metrics.jsonl` (step and epoch records), the training checkpoints and `best.ckpt`, each with its JSON.
+`metrics.jsonl` (step and epoch records), the training checkpoints and `best.ckpt`, each with its JSON,
+every file all-or-nothing (src/atomic.py). It holds the directory's lock for the run (run_dir.py), and
+SIGTERM/SIGINT end the run at a step boundary with a training state saved (stop.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -17,11 +20,13 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 from tqdm import tqdm
 
+from ..atomic import append_line, remove_partials, write_text
 from ..config import save_config
 from ..data.pipeline import create_eval_loader, create_train_loader
 from ..flops import exit_gflops
 from ..models import DVT, CheckpointMismatch, create_model
 from ..models.tokenizers import TokenPerformer
+from ..models.weights import UnreadableCheckpoint
 from .checkpoint import (
     CheckpointManager,
     check_architecture,
@@ -29,14 +34,20 @@ from .checkpoint import (
     load_pretrained,
     load_train_state,
     read_meta,
+    restore_newest,
 )
 from .evaluate import evaluate
 from .optim import AdamW, param_groups
+from .run_dir import check_fresh, claim
 from .schedule import cosine_schedule
+from .stop import StopRequests, TrainingStopped
 from .train_step import AccumulateGrads, DVTWithLoss, ModelEMA, TrainStep, loss_scale_sense
 
 log = logging.getLogger("dvt")
 MAX_SKIPPED_IN_A_ROW = 100
+# Files in a run directory that belong to the launch, not to a run: msrun's per-rank logs and the console copy
+# of scripts/run_standalone_train.sh. They stay in place when --overwrite moves a previous run aside.
+LAUNCH_FILES = ("logs", "train_stdout.log")
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,7 +101,8 @@ def replicate_rank_zero(net: nn.Cell, rank: int) -> None:
     _CopyFromRankZero(net, rank)()
 
 
-def setup_logging(run_dir: str, rank: int) -> None:
+def setup_logging(rank: int) -> None:
+    """The run's log on stdout (prefixed with the rank on ranks other than 0)."""
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
@@ -98,10 +110,13 @@ def setup_logging(run_dir: str, rank: int) -> None:
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(logging.Formatter(prefix + "%(message)s"))
     log.addHandler(stream)
-    if rank == 0:
-        handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+
+
+def add_log_file(run_dir: str) -> None:
+    """Also log to `run_dir`/train.log, once the run owns the directory."""
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
 
 
 def build_model(config: dict, num_classes: int) -> DVT:
@@ -138,26 +153,29 @@ def apply_amp(net: DVT, level: str) -> None:
 
 
 class MetricsLog:
-    """JSON-lines records of steps and epochs (rank 0 only)."""
+    """JSON-lines records of steps and epochs (rank 0 only); each record is appended whole or not at all."""
 
     def __init__(self, path: str | None):
         self.path = path
 
     def write(self, record: dict) -> None:
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
     def keep_until(self, step: int) -> None:
-        """Drop the records after `step`: a resumed run writes them again."""
+        """Drop the records after `step` (a resumed run writes them again) and a last line a kill cut short."""
         if not self.path or not os.path.isfile(self.path):
             return
+        kept = []
         with open(self.path, encoding="utf-8") as handle:
-            lines = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-        os.replace(tmp, self.path)
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        write_text(self.path, "".join(kept))
 
 
 def _format_accuracy(result: dict) -> str:
@@ -217,23 +235,41 @@ class DeviceReadings:
         return mean
 
 
-def _resume_path(config: dict, run_dir: str) -> str | None:
+def _restore(config: dict, run_dir: str, train_step: nn.Cell,
+             spec_dict: dict) -> tuple[str | None, dict | None, list[str]]:
+    """The training state to continue from: `resume` itself, or with `auto` the newest in the run directory
+    that loads whole. Returns (its path, its JSON, the damaged states skipped on the way); (None, None, [])
+    starts from scratch, which `auto` does only when the directory holds no training state at all."""
     resume = config["resume"]
-    if resume == "auto":
-        resume = CheckpointManager(run_dir, config["model"], config["keep_checkpoints"]).latest()
-        if resume is None:
-            log.info("resume auto: no checkpoint in %s, starting from scratch", run_dir)
-    return resume
+    if not resume:
+        return None, None, []
+    if resume != "auto":
+        return resume, load_train_state(train_step, resume, spec_dict, config["model"]), []
+    states = CheckpointManager(run_dir, config["model"], config["keep_checkpoints"]).train_states()
+    path, meta, skipped = restore_newest(train_step, [p for _, p in reversed(states)], spec_dict, config["model"])
+    for reason in skipped.values():
+        log.warning("resume auto: skipped a damaged training state: %s", reason)
+    if path is None and skipped:
+        raise UnreadableCheckpoint(f"resume auto: none of the {len(skipped)} training state(s) in {run_dir} "
+                                   "loads (above); move them away to start anew, or resume a copy you trust")
+    if path is None:
+        log.info("resume auto: no training state in %s, starting from scratch", run_dir)
+    return path, meta, list(skipped)
 
 
 def train(config: dict) -> dict:
-    """Run a whole training; returns the final validation results and where the checkpoints are."""
+    """Run a whole training; returns the final validation results and where the checkpoints are.
+
+    Everything that can be checked is checked before the run directory is touched: a failing config, data or
+    model leaves nothing behind. Rank 0 then claims the directory (see run_dir.py) and holds it until the end.
+    """
     rank, group_size = setup_device(config)
     run_dir = os.path.abspath(config["output_dir"])
-    os.makedirs(run_dir, exist_ok=True)
-    setup_logging(run_dir, rank)
+    setup_logging(rank)
     ms.set_seed(config["seed"])
     is_main = rank == 0
+    resuming = bool(config["resume"])
+    check_fresh(run_dir, resuming, config["overwrite"])  # on every rank, so that all of them stop
 
     # The model first, for img_size; the data then fixes num_classes, which must agree with the config.
     net = build_model(config, config["num_classes"])
@@ -243,18 +279,14 @@ def train(config: dict) -> dict:
     if train_loader.num_classes != config["num_classes"]:
         raise ValueError(f"the {config['dataset']} data has {train_loader.num_classes} classes but num_classes "
                          f"is {config['num_classes']}; set num_classes: {train_loader.num_classes}")
-    spec_dict = net.spec.to_dict()
-    gflops = exit_gflops(net.spec)
     if config["pretrained"]:
         load_pretrained(net, config["pretrained"])
-        log.info("started from %s", config["pretrained"])
     if group_size > 1:
         replicate_rank_zero(net, rank)
     apply_amp(net, config["amp_level"])
 
     accum = config["accum_steps"]
     updates_per_epoch = train_loader.batches_per_epoch // accum
-    total_epochs = config["epochs"] + config["cooldown_epochs"]
     schedule = cosine_schedule(config["lr"], config["epochs"], updates_per_epoch, config["warmup_epochs"],
                                config["warmup_lr"], config["min_lr"], config["cooldown_epochs"],
                                per_step=config["lr_per_step"])
@@ -268,22 +300,47 @@ def train(config: dict) -> dict:
         ema = ModelEMA(net, shadow, config["ema_decay"])
     scale = loss_scale_sense(config["loss_scale_type"], config["loss_scale"], config["loss_scale_window"])
     train_step = TrainStep(DVTWithLoss(net), optimizer, scale, config["clip_grad"], ema, accum)
-    accumulate = AccumulateGrads(train_step) if accum > 1 else None
 
-    checkpoints = None
-    if is_main or config["ckpt_all_ranks"]:
-        own_dir = run_dir if is_main else os.path.join(run_dir, f"rank_{rank}")
-        checkpoints = CheckpointManager(own_dir, config["model"], config["keep_checkpoints"])
-    if is_main:
-        for stale in checkpoints.remove_partial():
-            log.info("removed %s, a partial file of an interrupted run", stale)
-        save_config(config, os.path.join(run_dir, "config.yaml"))
+    # The run directory's own files (msrun's logs/, the launch script's console copy) stay when a run is moved.
+    lock = claim(run_dir, resuming, config["overwrite"], keep=LAUNCH_FILES) if is_main else None
+    try:
+        if is_main:
+            add_log_file(run_dir)
+            if lock.taken_over:
+                log.warning("took over the lock of a run that is gone (%s)", lock.taken_over)
+            if lock.moved_to:
+                log.warning("moved the run that was in %s to %s (--overwrite)", run_dir, lock.moved_to)
+        if config["pretrained"]:
+            log.info("started from %s", config["pretrained"])
+        with StopRequests(group_size) as stops:
+            return _run(config, rank, group_size, run_dir, net, train_loader, val_loader, train_step, schedule,
+                        updates_per_epoch, stops)
+    except TrainingStopped as stopped:
+        log.warning("%s", stopped)
+        raise
+    except Exception as err:  # the run's log keeps the reason it ended; train.py prints it and exits 1
+        log.error("%s", err)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train_loader, val_loader,
+         train_step: TrainStep, schedule, updates_per_epoch: int, stops: StopRequests) -> dict:
+    """Restore, then the epochs: the part of `train` that runs with the run directory claimed."""
+    is_main = rank == 0
+    accum = config["accum_steps"]
+    ema = train_step.ema
+    accumulate = AccumulateGrads(train_step) if accum > 1 else None
+    total_epochs = config["epochs"] + config["cooldown_epochs"]
+    spec_dict = net.spec.to_dict()
+    gflops = exit_gflops(net.spec)
     best = {"metric": -1.0, "epoch": None}
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
     readings = DeviceReadings(config)
-    resume = _resume_path(config, run_dir)
+    # Nothing is written into the run before its state is restored: a resume that fails changes nothing.
+    resume, meta, damaged = _restore(config, run_dir, train_step, spec_dict)
     if resume:
-        meta = load_train_state(train_step, resume, spec_dict, config["model"])
         saved_updates = meta.get("updates_per_epoch", updates_per_epoch)
         if saved_updates != updates_per_epoch:
             raise CheckpointMismatch(
@@ -293,11 +350,21 @@ def train(config: dict) -> dict:
         best = meta.get("best", best)
         if meta.get("epoch_state"):
             readings.restore(meta["epoch_state"])
-        metrics.keep_until(meta["step"])
         log.info("resumed %s: epoch %d done, step %d", resume, meta["epoch"], meta["step"])
 
+    checkpoints = None
+    if is_main or config["ckpt_all_ranks"]:
+        own_dir = run_dir if is_main else os.path.join(run_dir, f"rank_{rank}")
+        checkpoints = CheckpointManager(own_dir, config["model"], config["keep_checkpoints"])
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
+    if is_main:
+        metrics.keep_until(meta["step"] if resume else 0)
+        for stale in remove_partials(run_dir):
+            log.info("removed %s, a partial file of an interrupted run", stale)
+        save_config(dict(config, overwrite=False), os.path.join(run_dir, "config.yaml"))
+
     base_meta = {"model": config["model"], "spec": spec_dict, "num_classes": config["num_classes"],
-                 "grids": list(net.spec.grids), "exit_gflops": gflops, "img_size": img_size,
+                 "grids": list(net.spec.grids), "exit_gflops": gflops, "img_size": net.spec.img_size,
                  "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
                  "updates_per_epoch": updates_per_epoch}
     log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank and epoch, %d updates/epoch "
@@ -310,13 +377,33 @@ def train(config: dict) -> dict:
     result, ema_result = None, None
     last_saved = resume
     # The schedule index, kept on the host: every update advances it, applied or skipped (see TrainStep).
-    step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
+    step = int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0])
     stream = train_loader.batches(start=step * accum)
 
+    saved_step = step if resume else None
+
     def save_state(epoch: int, mid_epoch: bool) -> str:
+        nonlocal saved_step
+        saved_step = step
+        if is_main:  # by now every rank has restored (updates ran since), so the skipped states can move
+            while damaged:
+                log.warning("kept the damaged %s as %s", damaged[0], checkpoints.set_aside(damaged.pop(0)))
         return checkpoints.save_train_state(
             train_step, epoch, dict(base_meta, step=step, val=result, ema_val=ema_result, best=best,
                                     epoch_state=readings.epoch_state()), mid_epoch)
+
+    def stop(signum: int, epoch: int, mid_epoch: bool) -> TrainingStopped:
+        """Save where training stopped (unless that state is on disk already), then say how to go on."""
+        nonlocal last_saved
+        readings.read(config["log_interval"], metrics, last_saved)
+        if checkpoints and config["checkpoint_on_stop"] and saved_step != step:
+            last_saved = save_state(epoch, mid_epoch)
+        stops.barrier()
+        where = f"in epoch {epoch + 1}" if mid_epoch else f"after epoch {epoch}"
+        state = last_saved if checkpoints else f"rank 0's, in {run_dir}"
+        return TrainingStopped(signum, f"stopped by {signal.Signals(signum).name} {where}, step {step}; last "
+                                       f"training state: {state or 'none'}; to continue, run the same command "
+                                       "with --resume auto")
 
     for epoch in range(step // updates_per_epoch, total_epochs):
         train_step.set_train(True)
@@ -333,14 +420,18 @@ def train(config: dict) -> dict:
             readings.add(epoch, step + 1, lr, train_step(*next(stream)))
             step += 1
             bar.update(1)
-            if step % config["log_interval"] == 0:
+            at_log = step % config["log_interval"] == 0
+            if at_log:
                 readings.read(config["log_interval"], metrics, last_saved)
                 rate = update_images * (bar.n - first_update) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
-            if (checkpoints and config["save_interval_steps"] and step % config["save_interval_steps"] == 0
-                    and step % updates_per_epoch):
+            inside = step % updates_per_epoch != 0
+            if checkpoints and config["save_interval_steps"] and step % config["save_interval_steps"] == 0 and inside:
                 readings.read(config["log_interval"], metrics, last_saved)
                 last_saved = save_state(epoch, mid_epoch=True)
+            if inside and (signum := stops.signum(sync_point=at_log)):
+                bar.close()
+                raise stop(signum, epoch, mid_epoch=True)
         bar.close()
         readings.read(config["log_interval"], metrics, last_saved)
         elapsed = time.perf_counter() - started
@@ -370,6 +461,8 @@ def train(config: dict) -> dict:
         if checkpoints and (last or (epoch + 1) % config["ckpt_interval"] == 0):
             last_saved = save_state(epoch + 1, mid_epoch=False)
         metrics.write(record)
+        if not last and (signum := stops.signum(sync_point=True)):
+            raise stop(signum, epoch + 1, mid_epoch=False)
     if train_loader.skipped:
         log.warning("skipped %d corrupt image(s): %s", len(train_loader.skipped),
                     ", ".join(sorted(train_loader.skipped)[:20]))

@@ -17,6 +17,10 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the network it is loaded into."""
 
 
+class UnreadableCheckpoint(CheckpointMismatch):
+    """A checkpoint file (or its JSON) is damaged: truncated, corrupt, not a checkpoint."""
+
+
 def compare_parameters(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
     """Raise CheckpointMismatch naming missing, unexpected and mis-shaped parameters."""
     missing = sorted(set(expected) - set(found))
@@ -53,7 +57,7 @@ def read_checkpoint(path: str) -> dict:
     try:
         return ms.load_checkpoint(path)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt or truncated files
-        raise CheckpointMismatch(f"cannot read checkpoint {path}: {err}") from err
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {err}") from err
 
 
 def load_weights(net: nn.Cell, path: str) -> None:
