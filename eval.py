@@ -14,14 +14,19 @@ import argparse
 import json
 import os
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 
-from src.budget import METHODS, BudgetError, confidences, resolve_budgets, simulate, solve
+from src.atomic import WriteFailed, write_atomic
+from src.budget import METHODS, BudgetError, confidences, read_gflops, resolve_budgets, simulate, solve
 from src.config import ConfigError, resolve
 from src.data.sources import DataError
 from src.models import CheckpointMismatch
 from src.report import PLOT_HINT, plot_curve, table, write_curve, write_thresholds
+
+PROBS_KEYS = ("val_probs", "val_labels", "calib_probs", "calib_labels", "flops")
 
 
 def eval_flags() -> argparse.ArgumentParser:
@@ -39,7 +44,7 @@ def eval_flags() -> argparse.ArgumentParser:
     flags.add_argument("--adaptive", action="store_true",
                        help="real early-exit inference on the validation set at --budget, thresholds from "
                             "--thresholds_file")
-    flags.add_argument("--budget", type=float, help="GFLOPs per image for --adaptive")
+    flags.add_argument("--budget", help="GFLOPs per image for --adaptive")
     flags.add_argument("--micro_batch", type=int, default=16,
                        help="--adaptive: stages run sub-batches in static graphs of this many samples (and the "
                             "remainder's binary digits); 0 = one dynamic-batch graph per stage")
@@ -48,13 +53,46 @@ def eval_flags() -> argparse.ArgumentParser:
 
 
 def load_probs(path: str) -> dict:
+    """The arrays of an --save_probs file, checked (check_probs); any other file is an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"probabilities file not found: {path}")
-    with np.load(path) as data:
-        missing = {"val_probs", "val_labels", "calib_probs", "calib_labels", "flops"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(sorted(missing))} (write it with eval.py --save_probs)")
-        return {key: data[key] for key in data.files}
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (.npy)")
+        with data:
+            content = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # a .csv, a truncated archive
+        raise ValueError(f"{path} is not a probabilities file (.npz of eval.py --save_probs): {err}") from err
+    missing = set(PROBS_KEYS) - set(content)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(sorted(missing))} (write it with eval.py --save_probs)")
+    check_probs(content, path)
+    return content
+
+
+def check_probs(data: dict, source: str) -> None:
+    """Probabilities (exits, samples, classes) that are finite and in [0, 1], labels of as many samples, one
+    finite positive cost per exit; a ValueError naming `source` and the array otherwise."""
+    flops = np.asarray(data["flops"])
+    if flops.ndim != 1 or not np.issubdtype(flops.dtype, np.number) or not np.isfinite(flops).all() \
+            or (flops <= 0).any():
+        raise ValueError(f"{source}: flops must be one finite positive cost per exit, got {flops.tolist()}")
+    for split in ("val", "calib"):
+        probs, labels = np.asarray(data[f"{split}_probs"]), np.asarray(data[f"{split}_labels"])
+        name = f"{split}_probs"
+        if not np.issubdtype(probs.dtype, np.floating) or probs.ndim != 3 or probs.shape[0] != len(flops):
+            raise ValueError(f"{source}: {name} must be floats (exits={len(flops)}, samples, classes), got "
+                             f"{probs.dtype} {probs.shape}")
+        bad = int((~np.isfinite(probs)).sum())
+        if bad:
+            raise ValueError(f"{source}: {name} holds {bad} NaN/Inf value(s) of {probs.size}")
+        if probs.size and (probs.min() < -1e-6 or probs.max() > 1 + 1e-6):
+            raise ValueError(f"{source}: {name} holds values outside [0, 1] ({probs.min():.4g} .. {probs.max():.4g}): "
+                             "not probabilities")
+        if labels.shape != probs.shape[1:2] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{source}: {split}_labels must be {probs.shape[1]} integers, got {labels.dtype} "
+                             f"{labels.shape}")
 
 
 def compute_probs(config: dict, args) -> dict:
@@ -85,14 +123,15 @@ def run_adaptive(config: dict, args) -> int:
 
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")
+    budget = read_gflops(args.budget, "--budget")
     table_path = args.thresholds_file or os.path.join(config["output_dir"], "thresholds.json")
     if not os.path.isfile(table_path):
         raise FileNotFoundError(f"thresholds file not found: {table_path} (solve it first: eval.py without "
                                 "--adaptive writes it)")
-    thresholds = thresholds_for(load_threshold_table(table_path), args.budget)
     if not args.checkpoint_path:
         raise ConfigError("give --checkpoint_path")
     net, meta = load_network(config, args.checkpoint_path)
+    thresholds = thresholds_for(load_threshold_table(table_path, net.num_exits), budget)
     flops = exit_costs(net, meta)
     cascade = AdaptiveCascade(net, thresholds, micro_batch=args.micro_batch)
     exits, correct, seconds = [], 0, 0.0
@@ -104,7 +143,7 @@ def run_adaptive(config: dict, args) -> int:
         correct += int((result.predictions == labels.asnumpy()).sum())
     exits = np.concatenate(exits)
     fractions = np.bincount(exits, minlength=len(flops)) / len(exits)
-    print(f"adaptive inference at {args.budget:.4g} GFLOPs (thresholds {', '.join(f'{t:.4g}' for t in thresholds)})")
+    print(f"adaptive inference at {budget:.4g} GFLOPs (thresholds {', '.join(f'{t:.4g}' for t in thresholds)})")
     print(f"  top-1 {100.0 * correct / len(exits):.2f}% on {len(exits)} images; exit fractions "
           f"{' '.join(f'{f:.3f}' for f in fractions)}; {float(fractions @ np.asarray(flops)):.4g} GFLOPs per image")
     print(f"  {len(exits) / seconds:.1f} images/s (first batch includes compiling the stages)")
@@ -126,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "report":
             return report_stored(args.checkpoint_path)
         data = load_probs(args.from_probs) if args.from_probs else compute_probs(config, args)
+        if not args.from_probs:
+            check_probs(data, f"the probabilities of {args.checkpoint_path}")
         flops = [float(f) for f in data["flops"]]
         exits = accuracy_per_exit(data["val_probs"], data["val_labels"])
         val_conf, val_correct = confidences(data["val_probs"], data["val_labels"])
@@ -141,15 +182,33 @@ def main(argv: list[str] | None = None) -> int:
             thresholds_list = solve(args.method, data["calib_probs"], data["calib_labels"], flops, budgets,
                                     seed=config["seed"])
         curve = curve_rows(thresholds_list, budgets, val_conf, val_correct, flops)
-    except (ConfigError, DataError, CheckpointMismatch, BudgetError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointMismatch, BudgetError, OSError, ValueError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 1
+    try:
+        write_results(config, args, data, curve, exits, flops)
+    except (WriteFailed, ValueError) as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict, flops: list[float]) -> None:
+    """The probabilities (--save_probs), the table, the curve files, thresholds.json and the plot."""
     out = config["output_dir"]
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise WriteFailed(out, err) from err
     model = str(data["model"]) if "model" in data else config["model"]
     if args.save_probs:
-        np.savez_compressed(args.save_probs, model=np.array(model), **{k: v for k, v in data.items()
-                                                                       if k not in ("meta", "model")})
+        arrays = {k: v for k, v in data.items() if k not in ("meta", "model")}
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a handle: numpy would add .npz to a name without it
+                np.savez_compressed(handle, model=np.array(model), **arrays)
+
+        write_atomic(args.save_probs, save)
     print(table(curve, exits, flops))
     written = write_curve(curve, out)
     written.append(write_thresholds(curve, {"model": model, "method": args.method, "exit_gflops": flops,
@@ -158,15 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_curve(curve, exits, flops, out, f"{model}: accuracy vs GFLOPs", backbone)
     written.append(plot or PLOT_HINT)
     print("\nwrote " + ", ".join(written))
-    return 0
 
 
 def report_stored(checkpoint_path: str | None) -> int:
-    """The results stored in a checkpoint's JSON (a converted official one, or ours)."""
+    """The results stored in a checkpoint's JSON (a converted official one, or ours), once the checkpoint
+    itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
     from src.engine.checkpoint import read_meta
+    from src.models.weights import read_checkpoint
 
     if not checkpoint_path or not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    read_checkpoint(checkpoint_path)
     meta = read_meta(checkpoint_path)
     keys = ("model", "arch", "exit_gflops", "analytic_gflops", "flops", "val", "anytime_classification",
             "budgeted_batch_classification")

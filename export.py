@@ -5,14 +5,15 @@
 
 --batch_size 0 (default) exports a dynamic batch dimension, so the stages take any sub-batch an early exit
 leaves; N fixes it. Writes <file_name>_stage<k>.mindir, manifest.json beside them, and with --whole_cascade
-<file_name>_cascade.mindir (every exit's logits at once, for apps that do not exit early).
+<file_name>_cascade.mindir (every exit's logits at once, for apps that do not exit early). The export owns
+the folder of <file_name>: it is built beside it and replaces it only when complete.
 """
 
 import argparse
-import json
 import os
 import sys
 
+from src.atomic import WriteFailed
 from src.config import ConfigError, resolve
 from src.models import CheckpointMismatch
 
@@ -30,7 +31,8 @@ def export_flags() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from src.data.transforms import eval_resize
-    from src.deploy.export import export_cascade
+    from src.deploy.export import check_export_folder, export_cascade
+    from src.engine.adaptive import load_threshold_table
     from src.engine.trainer import exit_costs, load_network
 
     try:
@@ -39,21 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         config, _ = resolve(rest, __doc__.splitlines()[0])
         if args.batch_size < 0:
             raise ConfigError(f"--batch_size must be 0 (dynamic) or positive, got {args.batch_size}")
-        thresholds = []
-        if args.thresholds_file:
-            if not os.path.isfile(args.thresholds_file):
-                raise FileNotFoundError(f"thresholds file not found: {args.thresholds_file}")
-            with open(args.thresholds_file, encoding="utf-8") as handle:
-                thresholds = [{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"]}
-                              for r in json.load(handle)["budgets"]]
+        if args.thresholds_file and not os.path.isfile(args.thresholds_file):
+            raise FileNotFoundError(f"thresholds file not found: {args.thresholds_file}")
+        check_export_folder(os.path.dirname(os.path.abspath(args.file_name)))
         net, meta = load_network(config, args.ckpt_file)
+        thresholds = [{"budget_gflops": budget, "thresholds": values} for budget, values in
+                      (load_threshold_table(args.thresholds_file, net.num_exits) if args.thresholds_file else [])]
         img_size = net.spec.img_size
         preprocess = {"img_size": img_size, "resize": eval_resize(config, img_size),
                       "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",
                       "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
-        manifest = export_cascade(net, args.file_name, args.batch_size or None, args.whole_cascade, preprocess,
-                                  thresholds, exit_costs(net, meta), config["model"])
-    except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
+        manifest = export_cascade(net, args.file_name, preprocess=preprocess, batch=args.batch_size or None,
+                                  whole_cascade=args.whole_cascade, thresholds=thresholds,
+                                  exit_gflops=exit_costs(net, meta), model_name=config["model"])
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, WriteFailed, ValueError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 1
     folder = os.path.dirname(manifest)

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         info = convert_checkpoint(args.src, args.arch, args.dst)
-    except (ConversionError, FileNotFoundError, ImportError) as err:
+    except (ConversionError, OSError, ImportError) as err:  # OSError: src.atomic.WriteFailed, an unwritable folder
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({info['arch']}, {info['num_classes']} classes) and {metadata_path(args.dst)}")

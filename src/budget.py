@@ -331,10 +331,21 @@ def resolve_budgets(spec: str, flops, conf: np.ndarray | None = None, correct: n
     for part in spec.split(","):
         part = part.strip()
         try:
-            value = float(part[:-1]) * flops[-1] if part.endswith("x") else float(part)
-        except ValueError as err:
-            raise BudgetError(f"cannot read budget {part!r}: give GFLOPs (1.5), a fraction of the last exit "
-                              "(0.4x) or 'official'") from err
+            value = read_gflops(part[:-1], "budget") * flops[-1] if part.endswith("x") else read_gflops(part, "budget")
+        except BudgetError:
+            raise BudgetError(f"cannot read budget {part!r}: give positive GFLOPs (1.5), a fraction of the last "
+                              "exit (0.4x) or 'official'") from None
         _check_budget(value, flops)
         budgets.append(value)
     return budgets
+
+
+def read_gflops(text: str, flag: str) -> float:
+    """A budget in GFLOPs from text: a positive finite number, else a BudgetError naming `flag` and the text."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value) or value <= 0:
+        raise BudgetError(f"{flag} must be a positive number of GFLOPs, not {text!r}")
+    return value

@@ -7,12 +7,12 @@ all here, in `official_to_mindspore`; torch is needed only to read the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
 
+from .atomic import write_atomic, write_json
 from .models.registry import model_spec
 from .models.weights import compare_parameters
 
@@ -117,23 +117,12 @@ def _plain(value):
     return value
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temp file in the same folder and rename, so no partial file is ever left at path."""
-    folder, name = os.path.split(os.path.abspath(path))
-    stem, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext}")  # savers may insist on the extension
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
     """Convert `src` (official .pth.tar) for model `arch`; write `dst` (.ckpt) and `dst` minus .ckpt + .json.
 
-    Returns the metadata written to the JSON.
+    Both are written whole or not at all: the checkpoint to a temp name, then the JSON, then the checkpoint is
+    renamed, so a failure (`src.atomic.WriteFailed`) leaves an earlier conversion at `dst` as it was. Returns
+    the metadata written to the JSON.
     """
     import mindspore as ms
 
@@ -146,7 +135,6 @@ def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
     params = official_to_mindspore(state, spec_parameter_shapes(spec), source=src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     records = [{"name": name, "data": ms.Tensor(value)} for name, value in params.items()]
-    _atomic_write(dst, lambda tmp: ms.save_checkpoint(records, tmp, format="ckpt"))
     info = {
         "arch": arch,
         "num_classes": num_classes,
@@ -155,16 +143,17 @@ def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
         "source": os.path.abspath(src),
         **meta,
     }
-    json_path = metadata_path(dst)
-    _atomic_write(json_path, lambda tmp: _write_json(tmp, info))
+
+    def write(tmp: str) -> None:
+        ms.save_checkpoint(records, tmp, format="ckpt")
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # the checkpoint is on disk before its JSON replaces the old one
+        write_json(metadata_path(dst), info)  # a failure here keeps the old pair: the checkpoint is not renamed
+
+    write_atomic(dst, write)
     return info
 
 
 def metadata_path(ckpt_path: str) -> str:
     root, ext = os.path.splitext(ckpt_path)
     return (root if ext == ".ckpt" else ckpt_path) + ".json"
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)

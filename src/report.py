@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
+
+from .atomic import write_atomic, write_json, write_text
 
 CURVE_FIELDS = ("budget_gflops", "expected_gflops", "top1", "exit_fractions", "thresholds")
 PLOT_HINT = "pip install matplotlib (or -r requirements-plot.txt) to get budget_curve.png"
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        write(handle)
-    os.replace(tmp, path)
 
 
 def table(curve: list[dict], exits: dict, gflops: list[float]) -> str:
@@ -33,20 +28,17 @@ def table(curve: list[dict], exits: dict, gflops: list[float]) -> str:
 
 
 def write_curve(curve: list[dict], output_dir: str) -> list[str]:
-    """budget_curve.json and budget_curve.csv; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
+    """budget_curve.json and budget_curve.csv (each written whole or not at all); returns their paths."""
     json_path = os.path.join(output_dir, "budget_curve.json")
-    _write_atomic(json_path, lambda h: json.dump(curve, h, indent=2))
+    write_json(json_path, curve)
     csv_path = os.path.join(output_dir, "budget_curve.csv")
-
-    def write_csv(handle):
-        writer = csv.writer(handle)
-        writer.writerow(CURVE_FIELDS)
-        for row in curve:
-            writer.writerow([row["budget_gflops"], row["expected_gflops"], row["top1"],
-                             " ".join(map(str, row["exit_fractions"])), " ".join(map(str, row["thresholds"]))])
-
-    _write_atomic(csv_path, write_csv)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(CURVE_FIELDS)
+    for row in curve:
+        writer.writerow([row["budget_gflops"], row["expected_gflops"], row["top1"],
+                         " ".join(map(str, row["exit_fractions"])), " ".join(map(str, row["thresholds"]))])
+    write_text(csv_path, text.getvalue())
     return [json_path, csv_path]
 
 
@@ -55,7 +47,7 @@ def write_thresholds(curve: list[dict], meta: dict, output_dir: str) -> str:
     path = os.path.join(output_dir, "thresholds.json")
     content = dict(meta, budgets=[{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"],
                                    "expected_gflops": r["expected_gflops"], "top1": r["top1"]} for r in curve])
-    _write_atomic(path, lambda h: json.dump(content, h, indent=2))
+    write_json(path, content)
     return path
 
 
@@ -84,6 +76,8 @@ def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: 
     ax.legend()
     path = os.path.join(output_dir, "budget_curve.png")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path

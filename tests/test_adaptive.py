@@ -1,11 +1,13 @@
 """Real early exit equals the offline simulation on the same data with the same thresholds."""
 
+import json
+
 import mindspore as ms
 import numpy as np
 import pytest
 
 from src.budget import NEVER, confidences, simulate
-from src.engine.adaptive import AdaptiveCascade, micro_batches, thresholds_for
+from src.engine.adaptive import AdaptiveCascade, load_threshold_table, micro_batches, thresholds_for
 from src.models import create_model
 
 
@@ -68,6 +70,49 @@ def test_thresholds_by_budget():
     assert thresholds_for(table, 3.0) == [0.7, 0.6, 0.0]
     with pytest.raises(ValueError, match="smallest solved is 1"):
         thresholds_for(table, 0.5)
+
+
+def test_threshold_table_is_checked_where_it_is_read(tmp_path):
+    path = str(tmp_path / "thresholds.json")
+
+    def table(rows) -> str:
+        with open(path, "w") as handle:
+            json.dump({"model": "m", "budgets": rows}, handle)
+        return path
+
+    good = [{"budget_gflops": 2.0, "thresholds": [0.8, 0.7, 0.0]}, {"budget_gflops": 1.0, "thresholds": [0.9, 0.8, 0]}]
+    assert load_threshold_table(table(good), 3) == [(1.0, [0.9, 0.8, 0.0]), (2.0, [0.8, 0.7, 0.0])]
+    for values in ([0.5], [0.5, 0.4, 0.3, 0.2, 0.0]):
+        with pytest.raises(ValueError, match=rf"^{path}: row 2 \(1 GFLOPs\) holds {len(values)} threshold\(s\) "
+                                             "for 3 exits: give one per exit"):
+            load_threshold_table(table([good[0], {"budget_gflops": 1.0, "thresholds": values}]), 3)
+    cases = {"budget": [{"budget_gflops": "cheap", "thresholds": [0.9, 0.8, 0.0]}],
+             "nan": [{"budget_gflops": 1.0, "thresholds": [float("nan"), 0.8, 0.0]}],
+             "keys": [{"thresholds": [0.9, 0.8, 0.0]}], "rows": {"budget_gflops": 1.0}}
+    messages = {"budget": "row 1: budget_gflops must be a positive finite number, not 'cheap'",
+                "nan": r"row 1 \(1 GFLOPs\): thresholds must be a list of finite numbers",
+                "keys": "row 1 must hold 'budget_gflops' and 'thresholds'", "rows": "must be a list of rows, not dict"}
+    for case, rows in cases.items():
+        with pytest.raises(ValueError, match=messages[case]):
+            load_threshold_table(table(rows), 3)
+    with pytest.raises(ValueError, match="holds no thresholds"):
+        load_threshold_table(table([]), 3)
+    with open(path, "w") as handle:
+        handle.write('{"budgets": [')
+    with pytest.raises(ValueError, match=f"^cannot read thresholds file {path}: "):
+        load_threshold_table(path, 3)
+    with open(path, "w") as handle:
+        json.dump([1, 2], handle)
+    with pytest.raises(ValueError, match="is not a thresholds file: it lacks 'budgets'"):
+        load_threshold_table(path, 3)
+    with pytest.raises(FileNotFoundError, match="thresholds file not found"):
+        load_threshold_table(str(tmp_path / "none.json"), 3)
+
+
+def test_a_thresholds_list_of_another_length_is_refused(cascade):
+    for thresholds in ([0.5], [0.5, 0.4, 0.3, 0.2, 0.0]):
+        with pytest.raises(ValueError, match=f"^{len(thresholds)} thresholds for 3 exits$"):
+            AdaptiveCascade(cascade[0].net, thresholds)
 
 
 def test_micro_batches_cover_the_count_without_padding():

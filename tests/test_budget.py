@@ -10,6 +10,7 @@ from src.budget import (
     confidences,
     geometric_thresholds,
     official_budgets,
+    read_gflops,
     resolve_budgets,
     simulate,
     solve,
@@ -124,6 +125,12 @@ def test_budget_limits_and_parsing():
     assert resolve_budgets("0.5x", flops) == [pytest.approx(2.25)]
     with pytest.raises(BudgetError, match="cannot read budget"):
         resolve_budgets("cheap", flops)
+    for bad in ("nan", "inf", "-inf", "-1", "0", "nanx", "-0.5x", "1.5,,3", "1e999"):
+        with pytest.raises(BudgetError, match=r"^cannot read budget '[^']*': give positive GFLOPs"):
+            resolve_budgets(bad, flops)
+    with pytest.raises(BudgetError, match=r"^--budget must be a positive number of GFLOPs, not 'nan'$"):
+        read_gflops("nan", "--budget")
+    assert read_gflops("2.5", "--budget") == 2.5
     conf, correct = confidences(probs, labels)
     official = resolve_budgets("official", flops, conf, correct)
     assert len(official) == 59 and official == sorted(official)

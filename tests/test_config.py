@@ -61,6 +61,12 @@ def test_missing_and_malformed_recipes(tmp_path):
         load_recipe(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(write(tmp_path, "lr: [1, 2\n"))
+    with pytest.raises(ConfigError, match=f"^config path {tmp_path} is a directory: give a YAML recipe file"):
+        resolve(["--config_path", str(tmp_path)], "t")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"lr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=f"{binary}"):
+        load_recipe(str(binary))
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -69,7 +75,23 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(config, path)
     again, _ = resolve(["--config_path", path], "t")
     assert again == config
-    assert not glob.glob(str(tmp_path / "*.tmp"))
+    assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_a_failed_config_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from src import atomic
+    from src.atomic import WriteFailed
+
+    path = tmp_path / "config.yaml"
+    path.write_text("lr: 0.5\n")
+
+    def full_disk(tmp):  # the temp file is written, then flushing it to disk fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic, "_sync", full_disk)
+    with pytest.raises(WriteFailed, match=f"^cannot write {path}: \\[Errno 28\\] No space left on device$"):
+        save_config(resolve([], "t")[0], str(path))
+    assert path.read_text() == "lr: 0.5\n" and os.listdir(tmp_path) == ["config.yaml"]
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml"))))

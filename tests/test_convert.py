@@ -1,5 +1,6 @@
 """Official checkpoint -> MindSpore: a round trip through a real .pth.tar, and its error cases."""
 
+import errno
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from numpy_dvt import dvt_forward, official_state_dict
 from src.convert import ConversionError, official_to_mindspore
 from src.models import CheckpointMismatch, create_model, model_spec
 from src.models.weights import parameter_shapes
+from tests.faults import limit_file_size
 
 torch = pytest.importorskip("torch", reason="the converter's optional extra (requirements-convert.txt)")
 
@@ -115,3 +117,63 @@ def test_loading_a_checkpoint_of_another_architecture_is_refused(tmp_path):
         create_model("dvt_tiny_t2t", checkpoint_path=path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("dvt_tiny_t2t", checkpoint_path=str(tmp_path / "absent.ckpt"))
+
+
+def snapshot(folder) -> dict:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def converted_logits(dst: str, x: np.ndarray) -> list[np.ndarray]:
+    net = create_model("dvt_tiny_t2t", num_classes=NUM_CLASSES, checkpoint_path=dst)
+    net.set_train(False)
+    return [o.asnumpy() for o in net(ms.Tensor(x))]
+
+
+@pytest.fixture(scope="module")
+def good_conversion(release, tmp_path_factory):
+    """A finished conversion of the release, the logits it gives, and a second release with other weights."""
+    spec, state, path, folder = release
+    out = tmp_path_factory.mktemp("converted")
+    dst = str(out / "dvt_tiny.ckpt")
+    assert convert("--src", path, "--arch", "dvt_tiny_t2t", "--dst", dst).returncode == 0
+    x = images(spec, seed=3)
+    other = str(folder / "other.pth.tar")
+    official_release(other, spec, official_state_dict(spec, np.random.default_rng(6)))
+    return out, dst, x, converted_logits(dst, x), other
+
+
+def test_a_conversion_that_fails_part_way_keeps_the_previous_one(good_conversion):
+    out, dst, x, logits, other = good_conversion
+    before = snapshot(out)
+    limit = len(before["dvt_tiny.ckpt"]) // 2  # the checkpoint write stops half-way, as on a full disk
+    result = subprocess.run([sys.executable, SCRIPT, "--src", other, "--arch", "dvt_tiny_t2t", "--dst", dst],
+                            capture_output=True, text=True, cwd=ROOT, preexec_fn=limit_file_size(limit))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # MindSpore's saver logs its own CRITICAL line; ours is the last, one line
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {dst}: [Errno 27] File too large"
+    assert snapshot(out) == before  # no temp file left (neither ours nor the saver's .tmp), nothing changed
+    for ours, previous in zip(converted_logits(dst, x), logits, strict=True):
+        np.testing.assert_array_equal(ours, previous)
+
+
+def test_a_failed_metadata_write_keeps_the_previous_pair(good_conversion, monkeypatch):
+    from src import convert as converter
+    from src.atomic import WriteFailed
+
+    out, dst, x, logits, other = good_conversion
+    before = snapshot(out)
+
+    def disk_fills(path, obj):
+        def half(tmp):
+            with open(tmp, "w") as handle:
+                handle.write('{"arch": "dvt_t')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        converter.write_atomic(path, half)
+
+    monkeypatch.setattr(converter, "write_json", disk_fills)
+    json_path = converter.metadata_path(dst)
+    with pytest.raises(WriteFailed, match=rf"^cannot write {json_path}: \[Errno 28\] No space left on device$"):
+        converter.convert_checkpoint(other, "dvt_tiny_t2t", dst)
+    assert snapshot(out) == before  # the new checkpoint was written but never renamed over the old one
+    for ours, previous in zip(converted_logits(dst, x), logits, strict=True):
+        np.testing.assert_array_equal(ours, previous)

@@ -72,6 +72,90 @@ def test_modes_become_rgb(tmp_path):
         assert image.mode == "RGB"
 
 
+def grey_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def mode_cases(rng) -> dict:
+    """Image mode -> (file name, writer, the 8-bit RGB an independent NumPy conversion gives)."""
+    h, w = 6, 7
+    u16 = rng.integers(0, 65536, (h, w)).astype(np.uint16)
+    u16[0, :3] = (0, 65535, 255 * 257)  # black, white, and an 8-bit value scaled to 16 bits
+    i32 = rng.integers(-70000, 140000, (h, w)).astype(np.int32)
+    f32 = rng.uniform(-0.2, 1.2, (h, w)).astype(np.float32)
+    la = rng.integers(0, 256, (h, w, 2), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha = rng.integers(0, 256, 256, dtype=np.uint8)
+    cmyk = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+
+    def paletted(transparency):
+        def save(path):
+            image = Image.fromarray(index, "P")
+            image.putpalette(palette.tobytes())
+            image.save(path, transparency=transparency)
+        return save
+
+    cmy, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
+    return {
+        # 16-bit greyscale keeps its top byte: x >> 8 (65535 -> 255, v * 257 -> v)
+        "I;16": ("a.png", lambda p: Image.fromarray(u16).save(p), grey_rgb(u16 >> 8)),
+        "I;16B": ("a.tif", lambda p: Image.frombytes("I;16B", (w, h), u16.astype(">u2").tobytes()).save(p),
+                  grey_rgb(u16 >> 8)),
+        # 16-bit PGM decodes as I; 32-bit integers are read as 16-bit data, clipped to 0..65535
+        "I (16-bit PGM)": ("a.pgm", lambda p: Image.fromarray(u16).save(p), grey_rgb(u16 >> 8)),
+        "I": ("a.tif", lambda p: Image.fromarray(i32).save(p), grey_rgb(np.clip(i32, 0, 65535) >> 8)),
+        "F": ("a.tif", lambda p: Image.fromarray(f32).save(p), grey_rgb(np.round(np.clip(f32, 0, 1) * 255))),
+        "LA": ("a.png", lambda p: Image.fromarray(la, "LA").save(p), grey_rgb(la[..., 0])),  # alpha dropped
+        "RGBA": ("a.png", lambda p: Image.fromarray(rgba, "RGBA").save(p), rgba[..., :3]),
+        "P": ("a.png", paletted(None), palette[index]),
+        "P + transparent index": ("a.png", paletted(int(index[0, 0])), palette[index]),
+        "P + alpha per entry": ("a.png", paletted(alpha.tobytes()), palette[index]),
+        # CMYK: (255 - C)(255 - K) / 255 per channel, PIL's rounding within 1
+        "CMYK": ("a.tif", lambda p: Image.fromarray(cmyk, "CMYK").save(p),
+                 np.round((255 - cmy) * (255 - k) / 255)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(mode_cases(np.random.default_rng(0))))
+def test_every_mode_becomes_the_right_8_bit_rgb(tmp_path, mode):
+    name, save, expected = mode_cases(np.random.default_rng(0))[mode]
+    path = str(tmp_path / name)
+    save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode.split(" ")[0]  # the file really decodes in that mode
+        if mode.startswith("P +"):
+            assert "transparency" in opened.info
+    image = load_rgb(path)
+    assert image.mode == "RGB"
+    got = np.asarray(image).astype(np.int64)
+    tolerance = 1 if mode == "CMYK" else 0
+    assert np.abs(got - expected.astype(np.int64)).max() <= tolerance
+    if mode in ("I;16", "I (16-bit PGM)"):
+        assert (got == 255).mean() < 0.05  # PIL's own convert("RGB") makes ~99% of such pixels 255
+
+
+def test_float_image_with_nan_is_refused(tmp_path):
+    pixels = np.full((4, 4), 0.5, np.float32)
+    pixels[1, 2] = np.nan
+    path = str(tmp_path / "nan.tif")
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(DataError, match=r"cannot read image .*nan.tif: 1 pixel\(s\) of the float image are NaN"):
+        load_rgb(path)
+
+
+def test_the_runner_decodes_images_as_training_does(tmp_path):
+    from src.deploy.runner import preprocess
+
+    u16 = np.random.default_rng(1).integers(0, 65536, (40, 44)).astype(np.uint16)
+    deep, flat = str(tmp_path / "deep.png"), str(tmp_path / "flat.png")
+    Image.fromarray(u16).save(deep)
+    Image.fromarray(grey_rgb(u16 >> 8)).save(flat)
+    config = {"img_size": 32, "resize": 36, "interpolation": "bicubic", "mean": MEAN.tolist(), "std": STD.tolist()}
+    np.testing.assert_array_equal(preprocess([deep], config), preprocess([flat], config))
+
+
 def test_eval_resize_crop_matches_hand_computation():
     image = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3) % 251)
     out = ResizeCenterCrop(32, 36, Image.BICUBIC)(image)

@@ -10,6 +10,7 @@ import pytest
 
 from src.budget import confidences, simulate
 from src.report import plot_curve
+from tests.faults import limit_file_size
 from tests.test_data import make_folder
 from tests.test_train import QUIET, run_train
 
@@ -104,3 +105,111 @@ def test_adaptive_inference_matches_the_solved_curve(trained):
     missing = run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", str(tmp / "none"), "--adaptive",
                        "--budget", "1", check=False)
     assert missing.returncode == 1 and "thresholds file not found" in missing.stderr
+
+
+def probs_file(path: str, **change) -> str:
+    """An --save_probs file of synthetic 3-exit probabilities, with `change` applied to its arrays."""
+    from src.budget import synthetic_probs
+
+    val_probs, val_labels = synthetic_probs(60, 3, classes=4, seed=1)
+    calib_probs, calib_labels = synthetic_probs(80, 3, classes=4, seed=2)
+    arrays = {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
+              "calib_labels": calib_labels, "flops": np.array([0.5, 1.5, 3.0])}
+    for key, edit in change.items():
+        arrays[key] = edit(arrays[key].copy())
+    np.savez(path, model=np.array("m"), **arrays)
+    return path
+
+
+def eval_error(capsys, *args) -> str:
+    """eval.py's main in this process: it must return 1 with one line on stderr (an exception would escape)."""
+    import eval as eval_py
+
+    assert eval_py.main(list(args)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eval.py: error: "), err
+    return err.strip()[len("eval.py: error: "):]
+
+
+def with_nan(probs):
+    probs[1, 5, 2] = np.nan
+    probs[2, 0, 0] = np.inf
+    return probs
+
+
+def test_from_probs_refuses_what_is_not_probabilities(tmp_path, capsys):
+    out = ("--output_dir", str(tmp_path / "out"))
+    bad = probs_file(str(tmp_path / "nan.npz"), calib_probs=with_nan)
+    assert eval_error(capsys, "--from_probs", bad, *out) == f"{bad}: calib_probs holds 2 NaN/Inf value(s) of 960"
+    bad = probs_file(str(tmp_path / "neg.npz"), val_probs=lambda p: p - 0.5)
+    assert eval_error(capsys, "--from_probs", bad, *out).startswith(f"{bad}: val_probs holds values outside [0, 1]")
+    bad = probs_file(str(tmp_path / "flops.npz"), flops=lambda f: f[:2])
+    assert "val_probs must be floats (exits=2, samples, classes)" in eval_error(capsys, "--from_probs", bad, *out)
+    csv = tmp_path / "probs.csv"
+    csv.write_text("0.1,0.9\n0.5,0.5\n")
+    message = eval_error(capsys, "--from_probs", str(csv), *out)
+    assert message.startswith(f"{csv} is not a probabilities file (.npz of eval.py --save_probs): ")
+    npy = str(tmp_path / "probs.npy")
+    np.save(npy, np.zeros(3))
+    assert eval_error(capsys, "--from_probs", npy, *out).endswith("it holds a single array (.npy)")
+    good = probs_file(str(tmp_path / "good.npz"))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(open(good, "rb").read()[:900])
+    assert eval_error(capsys, "--from_probs", str(cut), *out).startswith(f"{cut} is not a probabilities file")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1", "0", "cheap", "nanx", "1.5,nan"])
+def test_budgets_that_are_not_positive_numbers_are_refused(tmp_path, capsys, budget):
+    good = probs_file(str(tmp_path / "good.npz"))
+    message = eval_error(capsys, "--from_probs", good, "--budgets", budget, "--output_dir", str(tmp_path / "out"))
+    assert message.startswith("cannot read budget '") and "give positive GFLOPs" in message
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_adaptive_refuses_bad_budgets_and_thresholds_rows(tmp_path, capsys):
+    import mindspore as ms
+
+    from src.models import create_model
+
+    ckpt = str(tmp_path / "tiny.ckpt")
+    ms.save_checkpoint(create_model("dvt_tiny_t2t"), ckpt)
+    table = str(tmp_path / "thresholds.json")
+    args = ("--config_path", "config/demo.yaml", "--checkpoint_path", ckpt, "--adaptive", "--thresholds_file", table)
+    for budget in ("nan", "inf", "-2", "x"):
+        assert eval_error(capsys, *args, "--budget", budget) == f"--budget must be a positive number of GFLOPs, " \
+                                                               f"not {budget!r}"
+    for row in ([0.5], [0.5, 0.4, 0.3, 0.2, 0.0]):
+        with open(table, "w") as handle:
+            json.dump({"budgets": [{"budget_gflops": 0.001, "thresholds": row}]}, handle)
+        assert eval_error(capsys, *args, "--budget", "1") == (f"{table}: row 1 (0.001 GFLOPs) holds {len(row)} "
+                                                              "threshold(s) for 3 exits: give one per exit (the "
+                                                              "last exit's is not used)")
+
+
+def test_report_on_a_damaged_checkpoint_names_it(trained, tmp_path, capsys):
+    _, _, ckpt = trained
+    cut = str(tmp_path / "cut.ckpt")
+    with open(ckpt, "rb") as handle:
+        data = handle.read()
+    with open(cut, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    assert eval_error(capsys, "--mode", "report", "--checkpoint_path", cut).startswith(f"cannot read checkpoint {cut}")
+    whole = str(tmp_path / "whole.ckpt")
+    with open(whole, "wb") as handle:
+        handle.write(data)
+    with open(os.path.join(tmp_path, "whole.json"), "w") as handle:
+        handle.write('{"model": "dvt_ti')
+    assert eval_error(capsys, "--mode", "report", "--checkpoint_path", whole).startswith(
+        f"cannot read {tmp_path}/whole.json")
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_partial_file(tmp_path):
+    good = probs_file(str(tmp_path / "good.npz"))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "eval.py", "--from_probs", good, "--budgets", "official",
+                             "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=limit_file_size(2000))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == f"eval.py: error: cannot write {out}/budget_curve.json: [Errno 27] File too large\n"
+    assert os.listdir(out) == []

@@ -2,7 +2,9 @@
 
 Each source is random access: `load(index)` gives (RGB PIL image, label) and `name(index)` says which image
 that is. Folder images are decoded with PIL in the loader's workers, so a corrupt file raises a DataError
-naming its path; grayscale, palette and RGBA images become RGB the way torchvision's loader makes them.
+naming its path. Every mode becomes 8-bit RGB through `src.deploy.runner.to_rgb` (the exported model's
+runner decodes the same way): alpha is dropped as torchvision's loader drops it, 16-bit greyscale keeps its
+top byte, float greyscale is read as 0..1, CMYK converts with PIL.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 
 import numpy as np
 from PIL import Image
+
+from ..deploy.runner import to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEMO_IMAGE_SIDE = 32
@@ -59,11 +63,12 @@ def list_images(split_dir: str, classes: list[str] | None = None) -> tuple[list[
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully and convert it to RGB; raises DataError naming the file when it cannot."""
+    """Decode an image fully and convert it to 8-bit RGB (`to_rgb`); raises DataError naming the file when it
+    cannot."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is RGB already
+            return to_rgb(image)  # no copy of what is RGB already
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
 

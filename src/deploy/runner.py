@@ -2,17 +2,20 @@
 
     python -m src.deploy.runner --manifest export/manifest.json --budget 1.5 cat.jpg dog.png
 
-Reads manifest.json (written by export.py), preprocesses images as the model was evaluated (short side to
-`resize` with PIL, centre crop, normalise), runs stage 1 on all of them, lets each image leave at the first
-exit whose top probability reaches that exit's threshold for the chosen budget, and runs the next stage only
-on the rest. The runtime is MindSpore Lite when `mindspore_lite` is installed, MindSpore's `nn.GraphCell`
-otherwise; both sit behind `load_stage`.
+Reads manifest.json (written by export.py), checks its schema and every file's size and sha256 before it
+loads anything (a one-line error names what differs), preprocesses images as the model was evaluated (8-bit
+RGB by `to_rgb`, short side to `resize` with PIL, centre crop, normalise), runs stage 1 on all of them, lets
+each image leave at the first exit whose top probability reaches that exit's threshold for the chosen
+budget, and runs the next stage only on the rest. The runtime is MindSpore Lite when `mindspore_lite` is
+installed, MindSpore's `nn.GraphCell` otherwise; both sit behind `load_stage`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -23,27 +26,136 @@ from PIL import Image
 
 Stage = Callable[[list[np.ndarray]], list[np.ndarray]]
 PIL_RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+MANIFEST_FORMAT = "dvt-mindir/2"  # /2: every file's size and sha256 are recorded
 
 
 class ManifestError(ValueError):
-    """A manifest that is missing, malformed, or names files that are not there."""
+    """A manifest that is missing, malformed, or names files that are not there or not what it recorded."""
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(entry: dict, key: str, kind: type, where: str):
+    if key not in entry:
+        raise ManifestError(f"{where} lacks '{key}'")
+    value = entry[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ManifestError(f"{where}: '{key}' must be {kind.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def threshold_rows(rows, num_exits: int, source: str) -> list[tuple[float, list[float]]]:
+    """Check thresholds-by-budget rows ({"budget_gflops": B, "thresholds": [one per exit]}, as eval.py's
+    thresholds.json and the manifest hold them); returns (budget, thresholds) by increasing budget."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{source}: the thresholds must be a list of rows, not {type(rows).__name__}")
+    table = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "budget_gflops" not in row or "thresholds" not in row:
+            raise ValueError(f"{source}: row {i} must hold 'budget_gflops' and 'thresholds'")
+        budget, values = row["budget_gflops"], row["thresholds"]
+        if not _is_number(budget) or budget <= 0:
+            raise ValueError(f"{source}: row {i}: budget_gflops must be a positive finite number, not {budget!r}")
+        if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            raise ValueError(f"{source}: row {i} ({budget:.4g} GFLOPs): thresholds must be a list of finite numbers")
+        if len(values) != num_exits:
+            raise ValueError(f"{source}: row {i} ({budget:.4g} GFLOPs) holds {len(values)} threshold(s) for "
+                             f"{num_exits} exits: give one per exit (the last exit's is not used)")
+        table.append((float(budget), [float(v) for v in values]))
+    return sorted(table)
+
+
+def _check_file_entry(entry, where: str) -> dict:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where} must be an object, not {type(entry).__name__}")
+    name = _require(entry, "file", str, where)
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ManifestError(f"{where}: file {name!r} must be a plain file name (the files sit beside the manifest)")
+    if _require(entry, "bytes", int, where) < 0:
+        raise ManifestError(f"{where}: 'bytes' must not be negative")
+    digest = _require(entry, "sha256", str, where)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ManifestError(f"{where}: 'sha256' must be 64 lower-case hex digits, not {digest!r}")
+    _require(entry, "inputs", list, where)
+    _require(entry, "outputs", list, where)
+    return entry
+
+
+def check_manifest(manifest, path: str) -> list[dict]:
+    """Check the manifest's schema; returns its file entries (the stages, then the whole cascade if any)."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} must hold a JSON object, not {type(manifest).__name__}")
+    found = manifest.get("format")
+    if found != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: format {found!r} is not {MANIFEST_FORMAT!r}: export the model again with "
+                            "this version's export.py" if "format" in manifest else f"{path} lacks 'format'")
+    if _require(manifest, "num_classes", int, path) < 1:
+        raise ManifestError(f"{path}: 'num_classes' must be positive")
+    stages = _require(manifest, "stages", list, path)
+    if not stages:
+        raise ManifestError(f"{path}: 'stages' is empty")
+    entries = [_check_file_entry(stage, f"{path}: stage {k}") for k, stage in enumerate(stages, 1)]
+    if "cascade" in manifest:
+        entries.append(_check_file_entry(manifest["cascade"], f"{path}: cascade"))
+    config = _require(manifest, "preprocess", dict, path)
+    where = f"{path}: preprocess"
+    for key in ("img_size", "resize"):
+        if _require(config, key, int, where) < 1:
+            raise ManifestError(f"{where}: '{key}' must be positive")
+    for key in ("mean", "std"):
+        values = _require(config, key, list, where)
+        if len(values) != 3 or not all(_is_number(v) for v in values) or (key == "std" and min(values) <= 0):
+            raise ManifestError(f"{where}: '{key}' must be 3 finite numbers (RGB){', positive' * (key == 'std')}")
+    if config.get("interpolation", "bicubic") not in PIL_RESAMPLING:
+        raise ManifestError(f"{where}: interpolation {config['interpolation']!r} is not one of "
+                            f"{', '.join(PIL_RESAMPLING)}")
+    try:
+        threshold_rows(manifest.get("thresholds", []), len(stages), f"{path}: thresholds")
+    except ValueError as err:
+        raise ManifestError(str(err)) from None
+    return entries
+
+
+def verify_files(entries: list[dict], folder: str, path: str) -> None:
+    """Every file the manifest names is there with the size and sha256 it recorded."""
+    missing = [e["file"] for e in entries if not os.path.isfile(os.path.join(folder, e["file"]))]
+    if missing:
+        raise ManifestError(f"{path} names file(s) that are missing in {folder}: {', '.join(missing)}")
+    for entry in entries:
+        file = os.path.join(folder, entry["file"])
+        size, digest = file_digest(file)
+        if size != entry["bytes"]:
+            raise ManifestError(f"{file} is {size} bytes, the manifest recorded {entry['bytes']}: the export is "
+                                "incomplete or was changed; export again")
+        if digest != entry["sha256"]:
+            raise ManifestError(f"{file}: sha256 {digest[:16]}... differs from the manifest's "
+                                f"{entry['sha256'][:16]}...: the file was changed; export again")
 
 
 def read_manifest(path: str) -> dict:
+    """Read manifest.json, check its schema and verify every file it names (size, sha256)."""
     if not os.path.isfile(path):
-        raise ManifestError(f"manifest not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        try:
+        raise ManifestError(f"manifest not found: {path}" + (" (it is a directory)" if os.path.isdir(path) else ""))
+    try:
+        with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{path} is not valid JSON: {err}") from err
-    for key in ("stages", "preprocess", "num_classes"):
-        if key not in manifest:
-            raise ManifestError(f"{path} lacks '{key}'")
-    folder = os.path.dirname(os.path.abspath(path))
-    missing = [s["file"] for s in manifest["stages"] if not os.path.isfile(os.path.join(folder, s["file"]))]
-    if missing:
-        raise ManifestError(f"{path} names stage file(s) that are missing in {folder}: {', '.join(missing)}")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"cannot read {path}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path} is not valid JSON: {err}") from err
+    entries = check_manifest(manifest, path)
+    verify_files(entries, os.path.dirname(os.path.abspath(path)), path)
     return manifest
 
 
@@ -93,6 +205,31 @@ def load_stage(path: str, backend: str | None = None) -> Stage:
     return (_lite_stage if (backend or runtime()) == "lite" else _mindspore_stage)(path)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB the way the model saw its training images (src/data/sources.py decodes through this too).
+
+    Alpha (RGBA, LA, PA, palette transparency) is dropped, not composited, as torchvision's loader does;
+    16-bit greyscale (I;16, I;16B, ...) and I, in which PIL decodes 16-bit PNG / PGM / TIFF, keep their top
+    byte (x >> 8, values clipped to 0..65535), where PIL's own conversion clips at 255; F is taken as 0..1
+    (x * 255, rounded, clipped) and must be finite; CMYK, YCbCr and the rest convert with PIL.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "I" or mode.startswith("I;16"):
+        grey = (np.clip(np.asarray(image), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F":
+        values = np.asarray(image, np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{int((~np.isfinite(values)).sum())} pixel(s) of the float image are NaN or Inf")
+        grey = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")  # palette colours, transparency dropped, no warning
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
 def preprocess(paths: list[str], config: dict) -> np.ndarray:
     """Images to a normalised (B, 3, S, S) float32 batch, as eval.py prepares them."""
     size, resize = config["img_size"], config["resize"]
@@ -102,7 +239,8 @@ def preprocess(paths: list[str], config: dict) -> np.ndarray:
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image.load()
+                image = to_rgb(image)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
         width, height = image.size
@@ -115,6 +253,17 @@ def preprocess(paths: list[str], config: dict) -> np.ndarray:
         pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
         batch.append(((pixels - mean) / std).transpose(2, 0, 1))
     return np.stack(batch).astype(np.float32)
+
+
+def read_budget(text: str) -> float:
+    """A budget in GFLOPs per image: a positive finite number."""
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"--budget must be a positive number of GFLOPs per image, not {text!r}")
+    return budget
 
 
 def thresholds_for_budget(manifest: dict, budget: float) -> list[float]:
@@ -145,6 +294,8 @@ class CascadeRunner:
         self.stages = [load_stage(os.path.join(folder, s["file"]), self.backend) for s in self.manifest["stages"]]
 
     def run(self, images: np.ndarray, thresholds: list[float]) -> Decision:
+        if len(thresholds) != len(self.stages):
+            raise ValueError(f"{len(thresholds)} threshold(s) for {len(self.stages)} exits: give one per exit")
         batch = len(images)
         predictions, confidences = np.zeros(batch, np.int64), np.zeros(batch, np.float64)
         exits = np.zeros(batch, np.int64)
@@ -169,16 +320,17 @@ class CascadeRunner:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Classify images with an exported DVT, exiting early.")
     parser.add_argument("--manifest", required=True, help="manifest.json written by export.py")
-    parser.add_argument("--budget", type=float, required=True, help="GFLOPs per image (picks the thresholds)")
+    parser.add_argument("--budget", required=True, help="GFLOPs per image (picks the thresholds)")
     parser.add_argument("--backend", choices=("lite", "mindspore"), help="default: lite when installed")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
     try:
+        budget = read_budget(args.budget)
         runner = CascadeRunner(args.manifest, args.backend)
-        thresholds = thresholds_for_budget(runner.manifest, args.budget)
+        thresholds = thresholds_for_budget(runner.manifest, budget)
         decision = runner.run(preprocess(args.images, runner.manifest["preprocess"]), thresholds)
-    except (ManifestError, ValueError) as err:
-        print(f"runner: error: {err}", file=sys.stderr)
+    except (ManifestError, ValueError, OSError, RuntimeError) as err:  # RuntimeError: the runtime's own
+        print(f"runner: error: {(str(err).strip() or type(err).__name__).splitlines()[0]}", file=sys.stderr)
         return 1
     names = runner.manifest.get("class_names") or []
     for path, label, confidence, exit_index in zip(args.images, decision.predictions, decision.confidences,

@@ -16,12 +16,14 @@ Thresholds come from eval.py's table by budget and can be switched between batch
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from ..deploy.runner import threshold_rows
 from ..models import DVT
 from ..models.layers import use_stock_ops
 from .evaluate import softmax
@@ -36,14 +38,22 @@ class AdaptiveResult:
     exits: np.ndarray
 
 
-def load_threshold_table(path: str) -> list[tuple[float, list[float]]]:
-    """(budget GFLOPs, thresholds) rows of eval.py's thresholds.json, by increasing budget."""
-    with open(path, encoding="utf-8") as handle:
-        content = json.load(handle)
-    rows = [(float(r["budget_gflops"]), [float(t) for t in r["thresholds"]]) for r in content["budgets"]]
+def load_threshold_table(path: str, num_exits: int) -> list[tuple[float, list[float]]]:
+    """(budget GFLOPs, thresholds) rows of eval.py's thresholds.json, by increasing budget; every row must
+    hold a positive budget and one finite threshold per exit (ValueError naming the file and row)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"thresholds file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+        raise ValueError(f"cannot read thresholds file {path}: {err}") from err
+    if not isinstance(content, dict) or "budgets" not in content:
+        raise ValueError(f"{path} is not a thresholds file: it lacks 'budgets' (eval.py writes thresholds.json)")
+    rows = threshold_rows(content["budgets"], num_exits, path)
     if not rows:
         raise ValueError(f"{path} holds no thresholds")
-    return sorted(rows)
+    return rows
 
 
 def thresholds_for(table: list[tuple[float, list[float]]], budget: float) -> list[float]:
@@ -89,7 +99,7 @@ class AdaptiveCascade:
                         dynamic.append(Tensor(shape=[None, spec.depth * spec.num_heads, n_up, n_up],
                                               dtype=ms.float32))
                 stage.set_inputs(*dynamic)
-        self.thresholds = list(thresholds) if thresholds is not None else [0.0] * len(self.stages)
+        self.set_thresholds(thresholds if thresholds is not None else [0.0] * len(self.stages))
 
     def set_thresholds(self, thresholds: list[float]) -> None:
         if len(thresholds) != len(self.stages):
