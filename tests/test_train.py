@@ -228,6 +228,11 @@ def test_bad_input_is_a_clear_error(folder, tmp_path, capsys):
         "--dataset", "folder", "--data_path", folder, "--model", "dvt_tiny_deit", "--num_classes", "1000",
         "--img_size", "16", "--batch_size", "8", "--output_dir", str(tmp_path / "r"))
     assert not os.path.exists(tmp_path / "r")  # a run that fails on its input creates nothing
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # an output_dir that cannot be created: one line naming it, no traceback
+    err = error_of("--dataset", "folder", "--data_path", folder, "--model", "dvt_tiny_deit", "--num_classes", "3",
+                   "--img_size", "16", "--batch_size", "8", "--output_dir", str(blocked / "run"))
+    assert err.strip() == f"train.py: error: [Errno 20] Not a directory: '{blocked / 'run'}'"
 
 
 def test_resume_from_another_architecture_is_refused(folder, tmp_path, capsys):
