@@ -187,16 +187,19 @@ class DeviceReadings:
     go when the host needs them (every log_interval updates, before a checkpoint, at the epoch's end), so the
     device queue is not stalled every step. Also keeps the epoch's loss sum and the skipped-update counts."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, metrics: MetricsLog):
         self.dynamic = config["loss_scale_type"] == "dynamic"
+        self.log_every = config["log_interval"]
+        self.metrics = metrics
         self.pending: list[tuple[int, int, float, Tensor]] = []
         self.loss_sum, self.loss_count, self.skipped_total, self.skipped_in_a_row = 0.0, 0, 0, 0
 
     def add(self, epoch: int, step: int, lr: float, vector: Tensor) -> None:
         self.pending.append((epoch, step, lr, vector))
 
-    def read(self, log_every: int, metrics: MetricsLog, last_saved: str | None) -> None:
-        """Read what is pending, check it, write the step records that are due."""
+    def read(self, last_saved: str | None) -> None:
+        """Read what is pending, check it, write the step records that are due (`last_saved` goes into the
+        message if the loss diverged)."""
         if not self.pending:
             return
         values = ops.stack([vector for *_, vector in self.pending]).asnumpy()
@@ -215,8 +218,8 @@ class DeviceReadings:
                 self.skipped_in_a_row = 0
                 self.loss_sum += float(loss)
                 self.loss_count += 1
-            if step % log_every == 0:
-                metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr, "loss": float(loss),
+            if step % self.log_every == 0:
+                self.metrics.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr, "loss": float(loss),
                                "loss_scale": float(loss_scale), "overflow": overflowed})
         self.pending.clear()
 
@@ -337,7 +340,8 @@ def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train
     spec_dict = net.spec.to_dict()
     gflops = exit_gflops(net.spec)
     best = {"metric": -1.0, "epoch": None}
-    readings = DeviceReadings(config)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
+    readings = DeviceReadings(config, metrics)
     # Nothing is written into the run before its state is restored: a resume that fails changes nothing.
     resume, meta, damaged = _restore(config, run_dir, train_step, spec_dict)
     if resume:
@@ -356,7 +360,6 @@ def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train
     if is_main or config["ckpt_all_ranks"]:
         own_dir = run_dir if is_main else os.path.join(run_dir, f"rank_{rank}")
         checkpoints = CheckpointManager(own_dir, config["model"], config["keep_checkpoints"])
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
     if is_main:
         metrics.keep_until(meta["step"] if resume else 0)
         for stale in remove_partials(run_dir):
@@ -395,7 +398,7 @@ def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train
     def stop(signum: int, epoch: int, mid_epoch: bool) -> TrainingStopped:
         """Save where training stopped (unless that state is on disk already), then say how to go on."""
         nonlocal last_saved
-        readings.read(config["log_interval"], metrics, last_saved)
+        readings.read(last_saved)
         if checkpoints and config["checkpoint_on_stop"] and saved_step != step:
             last_saved = save_state(epoch, mid_epoch)
         stops.barrier()
@@ -422,18 +425,18 @@ def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train
             bar.update(1)
             at_log = step % config["log_interval"] == 0
             if at_log:
-                readings.read(config["log_interval"], metrics, last_saved)
+                readings.read(last_saved)
                 rate = update_images * (bar.n - first_update) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
             inside = step % updates_per_epoch != 0
             if checkpoints and config["save_interval_steps"] and step % config["save_interval_steps"] == 0 and inside:
-                readings.read(config["log_interval"], metrics, last_saved)
+                readings.read(last_saved)
                 last_saved = save_state(epoch, mid_epoch=True)
             if inside and (signum := stops.signum(sync_point=at_log)):
                 bar.close()
                 raise stop(signum, epoch, mid_epoch=True)
         bar.close()
-        readings.read(config["log_interval"], metrics, last_saved)
+        readings.read(last_saved)
         elapsed = time.perf_counter() - started
         train_loss = readings.end_epoch()
         last = epoch + 1 == total_epochs
