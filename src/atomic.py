@@ -26,6 +26,16 @@ class WriteFailed(OSError):
         self.path = path
         self.errno = getattr(err, "errno", None)
 
+    def __reduce__(self):  # raised in a worker process, it crosses to the main one whole
+        return _rebuild_write_failed, (self.path, str(self), self.errno)
+
+
+def _rebuild_write_failed(path: str, message: str, errno: int | None) -> WriteFailed:
+    err = WriteFailed.__new__(WriteFailed)
+    OSError.__init__(err, message)
+    err.path, err.errno = path, errno
+    return err
+
 
 def partial_name(path: str) -> str:
     folder, base = os.path.split(os.path.abspath(path))
@@ -110,10 +120,10 @@ def replace_folder(path: str, build: Callable[[str], None]) -> None:
     old = os.path.join(parent, f".{base}.replaced-{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)
+        _recover_folder(path)
         shutil.rmtree(fresh, ignore_errors=True)
         os.makedirs(fresh)
         build(fresh)
-        shutil.rmtree(old, ignore_errors=True)  # left by an earlier process of the same pid
         if os.path.lexists(path):
             os.replace(path, old)
         try:
@@ -131,6 +141,18 @@ def replace_folder(path: str, build: Callable[[str], None]) -> None:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_folder(path: str) -> None:
+    """Undo what a process killed inside a swap left: with `path` gone, its old folder goes back there; with
+    `path` in place, old folders set aside by finished swaps are removed."""
+    parent, base = os.path.split(path)
+    aside = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*")),
+                   key=os.path.getmtime)
+    if aside and not os.path.lexists(path):
+        os.replace(aside.pop(), path)
+    for stale in aside:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def remove_partials(folder: str) -> list[str]:

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -107,3 +108,23 @@ def test_remove_partials_finds_what_a_killed_writer_left(tmp_path):
     removed = [os.path.basename(p) for p in remove_partials(str(tmp_path))]
     assert removed == [".e0004.partial-77.ckpt", ".export.partial-12"]
     assert sorted(os.listdir(tmp_path)) == [".lock", "keep.ckpt"]
+
+
+def test_a_swap_killed_between_its_renames_is_undone_next_time(tmp_path):
+    target = tmp_path / "export"
+    (tmp_path / ".export.replaced-999").mkdir()  # the old export, set aside by a process killed before its swap
+    (tmp_path / ".export.replaced-999" / "stage_1.mindir").write_text("old")
+
+    def fail(folder: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(WriteFailed):
+        replace_folder(str(target), fail)
+    assert sorted(os.listdir(tmp_path)) == ["export"] and (target / "stage_1.mindir").read_text() == "old"
+
+
+def test_write_failed_crosses_processes_whole():
+    err = WriteFailed("/x/y.ckpt", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, WriteFailed) and str(again) == str(err) and again.errno == errno.ENOSPC
+    assert again.path == "/x/y.ckpt"
