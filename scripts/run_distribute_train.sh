@@ -63,6 +63,13 @@ if [[ "$first" =~ ^[0-9]+$ ]]; then
   # boundary and save a training state (train.py); then it exits 128 + the signal's number.
   setsid "${cmd[@]}" &
   launcher=$! stopped=""
+  # Killed outright (SIGKILL to this script's process group, as `timeout -s KILL` does), this script cannot
+  # pass anything on, and msrun's session would train on: a watcher in a session of its own then kills msrun,
+  # its scheduler and its workers.
+  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done
+                  kill -0 "$2" 2>/dev/null && { pkill -KILL -P "$2"; kill -KILL "$2"; }' _ $$ "$launcher" \
+    < /dev/null > /dev/null 2>&1 &
+  watcher=$!
   to_workers() {
     stopped=$1
     for pid in $(pgrep -P "$launcher" || true); do
@@ -78,6 +85,7 @@ if [[ "$first" =~ ^[0-9]+$ ]]; then
     wait "$launcher" && status=0 || status=$?
     kill -0 "$launcher" 2>/dev/null || break  # a signal ended the wait, not msrun
   done
+  kill "$watcher" 2>/dev/null || true
   if [ -n "$stopped" ]; then
     echo "stopped by SIG$stopped: the workers stopped at one step boundary (see $out/logs); to continue, run the" \
       "same command with --resume auto" >&2
