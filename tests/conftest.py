@@ -26,3 +26,16 @@ def load_official_state(net, state: dict) -> None:
 def images(spec, batch: int = 2, seed: int = 0) -> np.ndarray:
     shape = (batch, spec.in_chans, spec.img_size, spec.img_size)
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def policies(net, images: np.ndarray) -> list[list[float]]:
+    """Thresholds that send about half the images on at each exit (midway between two confidences, so that
+    rounding cannot flip a decision), none, and all."""
+    splits = []
+    for logits in net(ms.Tensor(images))[:2]:
+        x = logits.asnumpy().astype(np.float64)
+        confidences = np.sort(1.0 / np.exp(x - x.max(1, keepdims=True)).sum(1))  # top softmax probability
+        middle = (len(confidences) - 1) // 2
+        upper = confidences[middle + 1] if len(confidences) > 1 else confidences[0] + 0.02
+        splits.append(float(confidences[middle] + upper) / 2)
+    return [splits + [0.0], [1e8, 1e8, 0.0], [0.0, 0.0, 0.0]]
