@@ -39,3 +39,21 @@ def policies(net, images: np.ndarray) -> list[list[float]]:
         upper = confidences[middle + 1] if len(confidences) > 1 else confidences[0] + 0.02
         splits.append(float(confidences[middle] + upper) / 2)
     return [splits + [0.0], [1e8, 1e8, 0.0], [0.0, 0.0, 0.0]]
+
+
+def assert_runner_equals_adaptive(runner, net, images: np.ndarray) -> set:
+    """The exported runner and AdaptiveCascade on the same images under each of `policies`: same exits and
+    predictions, confidences to 1e-5. Returns the distinct exit patterns seen (to show the policies differ)."""
+    from src.engine.adaptive import AdaptiveCascade
+
+    adaptive = AdaptiveCascade(net)
+    seen = set()
+    for thresholds in policies(net, images):
+        adaptive.set_thresholds(thresholds)
+        expected = adaptive(ms.Tensor(images))
+        got = runner.run(images, thresholds)
+        np.testing.assert_array_equal(got.exits, expected.exits)
+        np.testing.assert_array_equal(got.predictions, expected.predictions)
+        np.testing.assert_allclose(got.confidences, expected.confidences, rtol=0, atol=1e-5)
+        seen.add(tuple(got.exits))
+    return seen

@@ -12,7 +12,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import policies
+from conftest import assert_runner_equals_adaptive
 from mindspore import nn
 from PIL import Image
 
@@ -371,14 +371,8 @@ def test_a_fixed_batch_export_runs_any_number_of_images(exported, fixed_batch_ex
     images = np.random.default_rng(count).normal(size=(count, 3, 32, 32)).astype(np.float32)
     runner = CascadeRunner(fixed_batch_export, backend="mindspore")
     assert runner.manifest["batch_size"] == 4
-    adaptive = AdaptiveCascade(net)
-    for thresholds in policies(net, images):
-        adaptive.set_thresholds(thresholds)
-        expected = adaptive(ms.Tensor(images))
-        got = runner.run(images, thresholds)
-        np.testing.assert_array_equal(got.exits, expected.exits)
-        np.testing.assert_array_equal(got.predictions, expected.predictions)
-        np.testing.assert_allclose(got.confidences, expected.confidences, rtol=0, atol=1e-5)
+    seen = assert_runner_equals_adaptive(runner, net, images)
+    assert count == 1 or len(seen) == 3  # the policies differ: the comparison can fail
     if count > 1:  # padding rows would shift these if they leaked: compare with the images run one by one
         alone = [runner.run(images[i:i + 1], [1e8, 1e8, 0.0]).confidences[0] for i in range(count)]
         np.testing.assert_allclose(runner.run(images, [1e8, 1e8, 0.0]).confidences, alone, rtol=0, atol=1e-6)

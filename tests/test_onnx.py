@@ -12,7 +12,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import load_official_state, policies
+from conftest import assert_runner_equals_adaptive, load_official_state
 from mindspore import ops
 from numpy_dvt import official_state_dict, unfold
 from PIL import Image
@@ -20,7 +20,6 @@ from scipy.special import erf
 
 from src.deploy.export import export_cascade
 from src.deploy.runner import CascadeRunner, preprocess, read_manifest
-from src.engine.adaptive import AdaptiveCascade
 from src.models import create_model
 from src.models.layers import GELU, rational_erf, use_stock_ops
 from src.models.tokenizers import SoftSplit, concat_pad
@@ -122,16 +121,7 @@ def test_onnxruntime_runner_equals_adaptive_inference(onnx_export, tmp_path, cou
     net, manifest_path = onnx_export
     images = preprocess(write_images(tmp_path, count, count), PREPROCESS)
     runner = CascadeRunner(manifest_path, backend="onnxruntime")
-    adaptive = AdaptiveCascade(net)
-    seen = set()
-    for thresholds in policies(net, images):
-        adaptive.set_thresholds(thresholds)
-        expected = adaptive(ms.Tensor(images))
-        got = runner.run(images, thresholds)
-        np.testing.assert_array_equal(got.exits, expected.exits)
-        np.testing.assert_array_equal(got.predictions, expected.predictions)
-        np.testing.assert_allclose(got.confidences, expected.confidences, rtol=0, atol=1e-5)
-        seen.add(tuple(got.exits))
+    seen = assert_runner_equals_adaptive(runner, net, images)
     assert count == 1 or len(seen) == 3  # the policies differ: the comparison can fail
 
 
