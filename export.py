@@ -1,12 +1,16 @@
-"""Export a DVT to MindIR for MindSpore Lite: one graph per stage, a manifest, optionally the whole cascade.
+"""Export a DVT to MindIR, ONNX or AIR: one graph per stage, a manifest, optionally the whole cascade.
 
     python export.py --config_path config/demo.yaml --ckpt_file runs/demo/best.ckpt \\
         --file_name runs/demo/export/dvt_tiny_t2t --thresholds_file runs/demo/eval/thresholds.json
+    python export.py ... --file_format ONNX --batch_size 8
 
---batch_size 0 (default) exports a dynamic batch dimension, so the stages take any sub-batch an early exit
-leaves; N fixes it. Writes <file_name>_stage<k>.mindir, manifest.json beside them, and with --whole_cascade
-<file_name>_cascade.mindir (every exit's logits at once, for apps that do not exit early). The export owns
-the folder of <file_name>: it is built beside it and replaces it only when complete.
+--file_format MINDIR (default; MindSpore, MindSpore Lite), ONNX (onnxruntime, TensorRT, OpenVINO; needs a fixed
+--batch_size) or AIR (Ascend only). --batch_size 0 (default) exports a dynamic batch dimension, so the stages
+take any sub-batch an early exit leaves; N fixes it (the runner splits and pads any number of images to it).
+Writes <file_name>_stage<k>.<ext>, manifest.json beside them, and with --whole_cascade <file_name>_cascade.<ext>
+(every exit's logits at once, for apps that do not exit early). The export owns the folder of <file_name>: it
+is built beside it and replaces it only when complete. The manifest carries the class names when the training
+data names them (class folders under --data_path, the CIFAR release's names, the demo's digits).
 """
 
 import argparse
@@ -22,7 +26,7 @@ def export_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     flags.add_argument("--ckpt_file", required=True, help="best.ckpt, a training checkpoint or a converted one")
     flags.add_argument("--file_name", required=True, help="output path prefix, e.g. export/dvt_t2t_vit_12")
-    flags.add_argument("--file_format", default="MINDIR", choices=("MINDIR",))
+    flags.add_argument("--file_format", default="MINDIR", choices=("MINDIR", "ONNX", "AIR"))
     flags.add_argument("--batch_size", type=int, default=0, help="0: dynamic batch (default); N: fixed")
     flags.add_argument("--whole_cascade", action="store_true", help="also export all exits as one graph")
     flags.add_argument("--thresholds_file", help="eval.py's thresholds.json, copied into the manifest")
@@ -30,8 +34,9 @@ def export_flags() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from src.data.sources import class_names
     from src.data.transforms import eval_resize
-    from src.deploy.export import check_export_folder, export_cascade
+    from src.deploy.export import check_export_folder, check_file_format, export_cascade
     from src.engine.adaptive import load_threshold_table
     from src.engine.trainer import exit_costs, load_network
 
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--batch_size must be 0 (dynamic) or positive, got {args.batch_size}")
         if args.thresholds_file and not os.path.isfile(args.thresholds_file):
             raise FileNotFoundError(f"thresholds file not found: {args.thresholds_file}")
+        check_file_format(args.file_format, args.batch_size or None, config["device_target"])
         check_export_folder(os.path.dirname(os.path.abspath(args.file_name)))
         net, meta = load_network(config, args.ckpt_file)
         thresholds = [{"budget_gflops": budget, "thresholds": values} for budget, values in
@@ -51,15 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         preprocess = {"img_size": img_size, "resize": eval_resize(config, img_size),
                       "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",
                       "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
+        names = class_names(config["dataset"], config["data_path"])
+        if names is not None and len(names) != net.spec.num_classes:
+            print(f"note: the training data names {len(names)} classes, the model has {net.spec.num_classes}: "
+                  "the manifest gets no class names")
+            names = None
         manifest = export_cascade(net, args.file_name, preprocess=preprocess, batch=args.batch_size or None,
-                                  whole_cascade=args.whole_cascade, thresholds=thresholds,
-                                  exit_gflops=exit_costs(net, meta), model_name=config["model"])
+                                  file_format=args.file_format, whole_cascade=args.whole_cascade,
+                                  thresholds=thresholds, exit_gflops=exit_costs(net, meta),
+                                  model_name=config["model"], class_names=names)
     except (ConfigError, CheckpointMismatch, FileNotFoundError, WriteFailed, ValueError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 1
     folder = os.path.dirname(manifest)
     for name in sorted(os.listdir(folder)):
-        if name.endswith(".mindir"):
+        if name != os.path.basename(manifest):
             print(f"{os.path.join(folder, name)}  {os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB")
     print(f"manifest: {manifest}")
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # usage: bash scripts/setup_env.sh [run|test]
-# Creates .venv beside the repo (once) and installs requirements.txt, plus the test and converter
+# Creates .venv beside the repo (once) and installs requirements.txt, plus the test, converter and onnxruntime
 # extras with "test". Re-running is cheap: it reinstalls only when the requirement files change.
 set -euo pipefail
 cd "$(dirname "$0")/.."

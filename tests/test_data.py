@@ -152,7 +152,8 @@ def test_the_runner_decodes_images_as_training_does(tmp_path):
     deep, flat = str(tmp_path / "deep.png"), str(tmp_path / "flat.png")
     Image.fromarray(u16).save(deep)
     Image.fromarray(grey_rgb(u16 >> 8)).save(flat)
-    config = {"img_size": 32, "resize": 36, "interpolation": "bicubic", "mean": MEAN.tolist(), "std": STD.tolist()}
+    config = {"img_size": 32, "resize": 36, "interpolation": "bicubic", "mean": MEAN.tolist(), "std": STD.tolist(),
+              "layout": "NCHW", "pixel_scale": 1 / 255}
     np.testing.assert_array_equal(preprocess([deep], config), preprocess([flat], config))
 
 

@@ -1,4 +1,6 @@
-"""MindIR export: every stage loads back and equals the Python model; the runner equals adaptive inference."""
+"""MindIR export: every stage loads back and equals the Python model; the runner equals adaptive inference, on
+dynamic- and fixed-batch exports; the manifest's preprocessing and class names are what the runner uses; errors
+are one line."""
 
 import errno
 import json
@@ -10,6 +12,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
+from conftest import assert_runner_equals_adaptive
 from mindspore import nn
 from PIL import Image
 
@@ -48,7 +51,8 @@ def exported(tmp_path_factory):
 def test_manifest_schema(exported):
     net, manifest_path = exported
     manifest = read_manifest(manifest_path)
-    assert manifest["format"] == "dvt-mindir/2" and manifest["model"] == "dvt_tiny_t2t"
+    assert manifest["format"] == "dvt-export/3" and manifest["model"] == "dvt_tiny_t2t"
+    assert manifest["file_format"] == "MINDIR" and manifest["class_names"] is None
     assert manifest["grids"] == [2, 3, 4] and manifest["batch_size"] is None and manifest["num_classes"] == 10
     assert [s["file"] for s in manifest["stages"]] == ["tiny_stage1.mindir", "tiny_stage2.mindir", "tiny_stage3.mindir"]
     assert [i["name"] for i in manifest["stages"][1]["inputs"]] == ["image", "tokens", "relations"]
@@ -160,8 +164,14 @@ SCHEMA_CASES = {
     "stages not a list": (lambda m: m.update(stages={"file": "a"}), "'stages' must be list, not dict"),
     "no stages": (lambda m: m.update(stages=[]), "'stages' is empty"),
     "stage not an object": (lambda m: m["stages"].__setitem__(1, "tiny_stage2.mindir"), "stage 2 must be an object"),
-    "unknown format": (lambda m: m.update(format="dvt-mindir/9"), "format 'dvt-mindir/9' is not 'dvt-mindir/2'"),
-    "old format": (lambda m: m.update(format="dvt-mindir/1"), "export the model again"),
+    "unknown format": (lambda m: m.update(format="dvt-mindir/9"), "format 'dvt-mindir/9' is not 'dvt-export/3'"),
+    "old format": (lambda m: m.update(format="dvt-mindir/2"), "export the model again"),
+    "unknown file format": (lambda m: m.update(file_format="TFLITE"), "file_format 'TFLITE' is not one of MINDIR"),
+    "batch of 0": (lambda m: m.update(batch_size=0), "'batch_size' must be null"),
+    "class names of 3": (lambda m: m.update(class_names=["a", "b", "c"]), "'class_names' must be null or 10 strings"),
+    "unknown layout": (lambda m: m["preprocess"].update(layout="CHW"), "layout 'CHW' is not one of NCHW, NHWC"),
+    "no pixel scale": (lambda m: m["preprocess"].pop("pixel_scale"), "'pixel_scale' must be a positive"),
+    "no interpolation": (lambda m: m["preprocess"].pop("interpolation"), "preprocess lacks 'interpolation'"),
     "no format": (lambda m: m.pop("format"), "lacks 'format'"),
     "preprocess without resize": (lambda m: m["preprocess"].pop("resize"), "preprocess lacks 'resize'"),
     "mean of 2": (lambda m: m["preprocess"].update(mean=[0.5, 0.5]), "'mean' must be 3 finite numbers"),
@@ -344,3 +354,109 @@ def test_export_refuses_thresholds_rows_of_another_length(exported, tmp_path, ca
     assert capsys.readouterr().err == (f"export.py: error: {table}: row 2 (0.003 GFLOPs) holds {len(row)} "
                                        "threshold(s) for 3 exits: give one per exit (the last exit's is not used)\n")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_export(exported, tmp_path_factory):
+    net, _ = exported
+    folder = tmp_path_factory.mktemp("fixed")
+    return export_cascade(net, str(folder / "tiny"), preprocess=PREPROCESS, batch=4,
+                          class_names=[str(i) for i in range(10)])
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 9])
+def test_a_fixed_batch_export_runs_any_number_of_images(exported, fixed_batch_export, count):
+    """Fewer, as many as, more and not a multiple of the exported 4: split and padded, nothing leaks."""
+    net, _ = exported
+    images = np.random.default_rng(count).normal(size=(count, 3, 32, 32)).astype(np.float32)
+    runner = CascadeRunner(fixed_batch_export, backend="mindspore")
+    assert runner.manifest["batch_size"] == 4
+    seen = assert_runner_equals_adaptive(runner, net, images)
+    assert count == 1 or len(seen) == 3  # the policies differ: the comparison can fail
+    if count > 1:  # padding rows would shift these if they leaked: compare with the images run one by one
+        alone = [runner.run(images[i:i + 1], [1e8, 1e8, 0.0]).confidences[0] for i in range(count)]
+        np.testing.assert_allclose(runner.run(images, [1e8, 1e8, 0.0]).confidences, alone, rtol=0, atol=1e-6)
+
+
+def test_preprocess_applies_the_manifest_fields(tmp_path):
+    """pixel_scale, mean/std, layout, resize and interpolation as given, against NumPy on a PIL resize."""
+    rng = np.random.default_rng(4)
+    path = str(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(path)
+    config = {**PREPROCESS, "resize": 30, "img_size": 28, "interpolation": "bilinear", "pixel_scale": 1 / 127.5,
+              "mean": [1.0, 0.5, 0.0], "std": [1.0, 2.0, 0.5], "layout": "NHWC"}
+    with Image.open(path) as image:
+        resized = np.asarray(image.convert("RGB").resize((30, 37), Image.BILINEAR), np.float64)
+    top, left = round((37 - 28) / 2), 1
+    want = (resized[top:top + 28, left:left + 28] / 127.5 - [1.0, 0.5, 0.0]) / [1.0, 2.0, 0.5]
+    got = preprocess([path], config)
+    assert got.shape == (1, 28, 28, 3)
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(preprocess([path], {**config, "layout": "NCHW"})[0], want.transpose(2, 0, 1),
+                               rtol=0, atol=1e-5)
+
+
+def test_export_and_runner_cli_errors_are_one_line(exported, fixed_batch_export, tmp_path):
+    net, manifest_path = exported
+    ckpt = str(tmp_path / "tiny.ckpt")
+    ms.save_checkpoint(net, ckpt)
+
+    def export_cli(*args):
+        return subprocess.run([sys.executable, "export.py", "--config_path", "config/demo.yaml", "--ckpt_file", ckpt,
+                               "--file_name", str(tmp_path / "out" / "tiny"), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    line = one_line_error(export_cli("--file_format", "AIR"))
+    assert line == ("export.py: error: AIR export runs only on Ascend (this is CPU): use --file_format MINDIR or "
+                    "ONNX here")
+    line = one_line_error(export_cli("--file_format", "ONNX"))
+    assert line.startswith("export.py: error: ONNX needs a fixed batch") and "--batch_size N" in line
+    assert not os.path.exists(tmp_path / "out")
+    image = str(tmp_path / "a.png")
+    Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(image)
+    line = one_line_error(runner_cli("--manifest", manifest_path, "--budget", "1", "--backend", "onnxruntime", image))
+    assert line == "runner: error: the onnxruntime backend cannot run MINDIR files: use lite or mindspore"
+    # A machine without MindSpore Lite nor MindSpore: both imports fail, the error says how to install.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for module in ("mindspore_lite", "mindspore"):
+        (blocked / f"{module}.py").write_text("raise ImportError('not installed here')\n")
+    result = subprocess.run([sys.executable, "-m", "src.deploy.runner", "--manifest", fixed_batch_export,
+                             "--budget", "1", image], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(blocked)})
+    assert one_line_error(result) == ("runner: error: the mindspore runtime for MINDIR files is not installed: "
+                                      "pip install -r requirements.txt")
+    result = subprocess.run([sys.executable, "-m", "src.deploy.runner", "--manifest", fixed_batch_export,
+                             "--budget", "1", "--backend", "lite", image], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(blocked)})
+    assert "the lite runtime for MINDIR files is not installed: pip install mindspore-lite" in one_line_error(result)
+
+
+def test_export_writes_the_demo_class_names(tmp_path):
+    import export
+
+    ms.set_seed(0)
+    net = create_model("dvt_tiny_t2t")
+    ckpt = str(tmp_path / "tiny.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    assert export.main(["--config_path", "config/demo.yaml", "--ckpt_file", ckpt, "--file_name",
+                        str(tmp_path / "out" / "tiny")]) == 0
+    manifest = read_manifest(str(tmp_path / "out" / "manifest.json"))
+    assert manifest["class_names"] == [str(d) for d in range(10)] and manifest["file_format"] == "MINDIR"
+
+
+def test_class_names_come_from_the_training_data(tmp_path):
+    from src.data.sources import class_names
+
+    for name in ("n02", "n01", "cat"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / name / "a.png")
+    assert class_names("folder", str(tmp_path)) == ["cat", "n01", "n02"]
+    assert class_names("folder", str(tmp_path / "nowhere")) is None and class_names("folder", None) is None
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    assert class_names("cifar10", str(cifar)) is None
+    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (cifar / "batches.meta.txt").write_text("\n".join(labels) + "\n\n")
+    assert class_names("cifar10", str(cifar)) == labels
+    assert class_names("demo", None) == [str(d) for d in range(10)]

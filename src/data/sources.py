@@ -165,3 +165,25 @@ def read_cifar(root: str, name: str, split: str) -> tuple[np.ndarray, np.ndarray
     if labels.max() >= CIFAR_CLASSES[name]:
         raise DataError(f"{root}: label {labels.max()} is out of range for {name}")
     return np.ascontiguousarray(np.concatenate(images)), labels
+
+
+CIFAR_NAME_FILES = {"cifar10": "batches.meta.txt", "cifar100": "fine_label_names.txt"}  # in the binary release
+
+
+def class_names(dataset: str, data_path: str | None) -> list[str] | None:
+    """The names of the labels, as the training data gives them (for the export's manifest): the class folders
+    of `data_path/train`, the CIFAR release's label-name file, the digits 0-9 of the demo; None when the data
+    is not at hand or names none."""
+    if dataset == "demo":
+        return [str(digit) for digit in range(10)]
+    if not data_path:
+        return None
+    if dataset in CIFAR_NAME_FILES:
+        path = os.path.join(data_path, CIFAR_NAME_FILES[dataset])
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip()]
+        return names if len(names) == CIFAR_CLASSES[dataset] else None
+    train = os.path.join(data_path, "train")
+    return find_classes(train) if os.path.isdir(train) else None

@@ -1,1 +1,1 @@
-"""Deployment: MindIR export of the cascade and a runner for edge apps."""
+"""Deployment: MindIR, ONNX and AIR export of the cascade, and a runner for edge apps on any of its runtimes."""

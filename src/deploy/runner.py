@@ -1,19 +1,25 @@
-"""Run an exported DVT with early exit: the file an edge app copies (NumPy, Pillow, and a MindIR runtime).
+"""Run an exported DVT with early exit: the file an edge app copies (NumPy, Pillow, and a runtime).
 
     python -m src.deploy.runner --manifest export/manifest.json --budget 1.5 cat.jpg dog.png
 
 Reads manifest.json (written by export.py), checks its schema and every file's size and sha256 before it
-loads anything (a one-line error names what differs), preprocesses images as the model was evaluated (8-bit
-RGB by `to_rgb`, short side to `resize` with PIL, centre crop, normalise), runs stage 1 on all of them, lets
-each image leave at the first exit whose top probability reaches that exit's threshold for the chosen
-budget, and runs the next stage only on the rest. The runtime is MindSpore Lite when `mindspore_lite` is
-installed, MindSpore's `nn.GraphCell` otherwise; both sit behind `load_stage`.
+loads anything (a one-line error names what differs), preprocesses images with the manifest's fields (8-bit
+RGB by `to_rgb`, short side to `resize` with its `interpolation`, centre crop to `img_size`, times
+`pixel_scale`, normalise by `mean` / `std`, `layout`), runs stage 1 on all of them, lets each image leave at
+the first exit whose top probability reaches that exit's threshold for the chosen budget, and runs the next
+stage only on the rest. A fixed-batch export takes any number of images: they are split into its batch and
+the last piece is padded with zeros, whose rows are dropped (every row of a stage is computed on its own).
+
+Runtimes, behind one `Stage` interface (`load_stage`): onnxruntime for ONNX exports; for MindIR, MindSpore
+Lite when `mindspore_lite` is installed, else MindSpore's `nn.GraphCell`. AIR files are for Ascend's own
+tools. A runtime that is not installed is a one-line error saying how to install it.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -26,7 +32,14 @@ from PIL import Image
 
 Stage = Callable[[list[np.ndarray]], list[np.ndarray]]
 PIL_RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-MANIFEST_FORMAT = "dvt-mindir/2"  # /2: every file's size and sha256 are recorded
+LAYOUTS = ("NCHW", "NHWC")
+# /2: every file's size and sha256 are recorded; /3: file_format, class_names, any format's files
+MANIFEST_FORMAT = "dvt-export/3"
+FILE_FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+BACKENDS = {"MINDIR": ("lite", "mindspore"), "ONNX": ("onnxruntime",), "AIR": ()}
+INSTALL = {"onnxruntime": "pip install -r requirements-onnx.txt",
+           "lite": "pip install mindspore-lite of the MindSpore version that exported the model",
+           "mindspore": "pip install -r requirements.txt"}
 
 
 class ManifestError(ValueError):
@@ -100,8 +113,18 @@ def check_manifest(manifest, path: str) -> list[dict]:
     if found != MANIFEST_FORMAT:
         raise ManifestError(f"{path}: format {found!r} is not {MANIFEST_FORMAT!r}: export the model again with "
                             "this version's export.py" if "format" in manifest else f"{path} lacks 'format'")
-    if _require(manifest, "num_classes", int, path) < 1:
+    num_classes = _require(manifest, "num_classes", int, path)
+    if num_classes < 1:
         raise ManifestError(f"{path}: 'num_classes' must be positive")
+    if _require(manifest, "file_format", str, path) not in FILE_FORMATS:
+        raise ManifestError(f"{path}: file_format {manifest['file_format']!r} is not one of {', '.join(FILE_FORMATS)}")
+    batch = manifest.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ManifestError(f"{path}: 'batch_size' must be null (dynamic) or a positive int, not {batch!r}")
+    names = manifest.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != num_classes
+                              or not all(isinstance(name, str) for name in names)):
+        raise ManifestError(f"{path}: 'class_names' must be null or {num_classes} strings")
     stages = _require(manifest, "stages", list, path)
     if not stages:
         raise ManifestError(f"{path}: 'stages' is empty")
@@ -117,9 +140,14 @@ def check_manifest(manifest, path: str) -> list[dict]:
         values = _require(config, key, list, where)
         if len(values) != 3 or not all(_is_number(v) for v in values) or (key == "std" and min(values) <= 0):
             raise ManifestError(f"{where}: '{key}' must be 3 finite numbers (RGB){', positive' * (key == 'std')}")
-    if config.get("interpolation", "bicubic") not in PIL_RESAMPLING:
+    if _require(config, "interpolation", str, where) not in PIL_RESAMPLING:
         raise ManifestError(f"{where}: interpolation {config['interpolation']!r} is not one of "
                             f"{', '.join(PIL_RESAMPLING)}")
+    if _require(config, "layout", str, where) not in LAYOUTS:
+        raise ManifestError(f"{where}: layout {config['layout']!r} is not one of {', '.join(LAYOUTS)}")
+    scale = config.get("pixel_scale")
+    if not _is_number(scale) or scale <= 0:
+        raise ManifestError(f"{where}: 'pixel_scale' must be a positive finite number, not {scale!r}")
     try:
         threshold_rows(manifest.get("thresholds", []), len(stages), f"{path}: thresholds")
     except ValueError as err:
@@ -159,6 +187,10 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+class RuntimeMissing(RuntimeError):
+    """The runtime a backend needs is not installed; `str()` says how to install it."""
+
+
 def _lite_stage(path: str) -> Stage:
     import mindspore_lite as mslite
 
@@ -191,18 +223,77 @@ def _mindspore_stage(path: str) -> Stage:
     return run
 
 
-def runtime() -> str:
-    """'lite' when MindSpore Lite is installed, else 'mindspore'."""
+def _onnxruntime_stage(path: str) -> Stage:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [entry.name for entry in session.get_inputs()]  # the manifest's names: export names them so
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in zip(names, arrays, strict=True)}
+        return session.run(None, feeds)
+
+    return run
+
+
+STAGE_LOADERS = {"lite": _lite_stage, "mindspore": _mindspore_stage, "onnxruntime": _onnxruntime_stage}
+RUNTIME_MODULES = {"lite": "mindspore_lite", "mindspore": "mindspore", "onnxruntime": "onnxruntime"}
+
+
+def _installed(backend: str) -> bool:
     try:
-        import mindspore_lite  # noqa: F401
+        importlib.import_module(RUNTIME_MODULES[backend])
     except ImportError:
-        return "mindspore"
-    return "lite"
+        return False
+    return True
 
 
-def load_stage(path: str, backend: str | None = None) -> Stage:
+def choose_backend(file_format: str, backend: str | None = None) -> str:
+    """The backend that runs `file_format`: the one asked for, else the format's first installed one.
+
+    ValueError for a backend that cannot run the format; RuntimeMissing (saying how to install it) when the
+    runtime is not installed."""
+    choices = BACKENDS[file_format]
+    if not choices:
+        raise ValueError(f"{file_format} files run only with Ascend's own tools (ACL), not with this runner: "
+                         "export MINDIR or ONNX")
+    if backend is not None and backend not in choices:
+        raise ValueError(f"the {backend} backend cannot run {file_format} files: use {' or '.join(choices)}")
+    for candidate in (backend,) if backend else choices:
+        if _installed(candidate):
+            return candidate
+    wanted = backend or choices[-1]
+    raise RuntimeMissing(f"the {wanted} runtime for {file_format} files is not installed: {INSTALL[wanted]}")
+
+
+def runtime_description(backend: str) -> str:
+    """'onnxruntime 1.32.0', 'mindspore 2.10.0 (GraphCell)', ...: what the runner says it runs on."""
+    module = importlib.import_module(RUNTIME_MODULES[backend])
+    detail = {"mindspore": " (nn.GraphCell)", "lite": "", "onnxruntime": " (CPUExecutionProvider)"}[backend]
+    return f"{RUNTIME_MODULES[backend]} {getattr(module, '__version__', '?')}{detail}"
+
+
+def load_stage(path: str, backend: str) -> Stage:
     """A callable running one exported stage: list of input arrays in, list of output arrays out."""
-    return (_lite_stage if (backend or runtime()) == "lite" else _mindspore_stage)(path)
+    return STAGE_LOADERS[backend](path)
+
+
+def fixed_batch(stage: Stage, batch: int) -> Stage:
+    """A stage exported for exactly `batch` rows, run on any number: pieces of `batch`, the last one padded with
+    zeros whose output rows are dropped (no op of a stage mixes rows, so padding cannot change a real row)."""
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        count = len(arrays[0])
+        pieces = []
+        for start in range(0, count, batch):
+            piece = [a[start:start + batch] for a in arrays]
+            real = len(piece[0])
+            if real < batch:
+                piece = [np.concatenate([a, np.zeros((batch - real, *a.shape[1:]), a.dtype)]) for a in piece]
+            pieces.append([out[:real] for out in stage(piece)])
+        return [np.concatenate(parts) for parts in zip(*pieces, strict=True)]
+
+    return run
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -231,10 +322,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(paths: list[str], config: dict) -> np.ndarray:
-    """Images to a normalised (B, 3, S, S) float32 batch, as eval.py prepares them."""
+    """Images to the float32 batch the manifest's `preprocess` describes (eval.py's preparation)."""
     size, resize = config["img_size"], config["resize"]
     mean = np.asarray(config["mean"], np.float32)
     std = np.asarray(config["std"], np.float32)
+    scale = np.float32(config["pixel_scale"])
     batch = []
     for path in paths:
         try:
@@ -247,11 +339,12 @@ def preprocess(paths: list[str], config: dict) -> np.ndarray:
         if min(width, height) != resize:
             new_size = ((resize, int(resize * height / width)) if width <= height
                         else (int(resize * width / height), resize))
-            image = image.resize(new_size, PIL_RESAMPLING.get(config.get("interpolation"), Image.BICUBIC))
+            image = image.resize(new_size, PIL_RESAMPLING[config["interpolation"]])
             width, height = image.size
         left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-        pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
-        batch.append(((pixels - mean) / std).transpose(2, 0, 1))
+        pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) * scale
+        normalised = (pixels - mean) / std  # HWC
+        batch.append(normalised.transpose(2, 0, 1) if config["layout"] == "NCHW" else normalised)
     return np.stack(batch).astype(np.float32)
 
 
@@ -290,8 +383,10 @@ class CascadeRunner:
     def __init__(self, manifest_path: str, backend: str | None = None):
         self.manifest = read_manifest(manifest_path)
         folder = os.path.dirname(os.path.abspath(manifest_path))
-        self.backend = backend or runtime()
+        self.backend = choose_backend(self.manifest["file_format"], backend)
         self.stages = [load_stage(os.path.join(folder, s["file"]), self.backend) for s in self.manifest["stages"]]
+        if self.manifest["batch_size"] is not None:
+            self.stages = [fixed_batch(stage, self.manifest["batch_size"]) for stage in self.stages]
 
     def run(self, images: np.ndarray, thresholds: list[float]) -> Decision:
         if len(thresholds) != len(self.stages):
@@ -321,12 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Classify images with an exported DVT, exiting early.")
     parser.add_argument("--manifest", required=True, help="manifest.json written by export.py")
     parser.add_argument("--budget", required=True, help="GFLOPs per image (picks the thresholds)")
-    parser.add_argument("--backend", choices=("lite", "mindspore"), help="default: lite when installed")
+    parser.add_argument("--backend", choices=tuple(STAGE_LOADERS),
+                        help="default: onnxruntime for ONNX; for MindIR lite when installed, else mindspore")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
     try:
         budget = read_budget(args.budget)
         runner = CascadeRunner(args.manifest, args.backend)
+        print(f"runtime: {runtime_description(runner.backend)}, {runner.manifest['file_format']} files, "
+              f"batch {runner.manifest['batch_size'] or 'dynamic'}", flush=True)
         thresholds = thresholds_for_budget(runner.manifest, budget)
         decision = runner.run(preprocess(args.images, runner.manifest["preprocess"]), thresholds)
     except (ManifestError, ValueError, OSError, RuntimeError) as err:  # RuntimeError: the runtime's own

@@ -2,13 +2,17 @@
 
 The soft split is `ops.unfold`, which orders a patch as (channel, row, col) and zero-pads explicitly,
 exactly as torch's `nn.Unfold` (MindSpore's `nn.Unfold` is TensorFlow-style and must not be used).
+MindSpore's ONNX exporter has no Im2Col (nor PadV3), so `portable` cells, which ONNX export switches on,
+compute the same split as one gather with precomputed indices (a plain copy: bit-identical) and pad by
+concatenation. The gather is not used otherwise: it was 1.16x slower in eval (benchmarks/bench_soft_split.py).
 """
 
 from __future__ import annotations
 
 import math
 
-from mindspore import Parameter, nn, ops
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Orthogonal, initializer
 
 from .layers import Mlp, dense, gelu, layer_norm, torch_default_uniform
@@ -91,12 +95,46 @@ class TokenTransformer(nn.Cell):
         return x + self.mlp(self.norm2(x))
 
 
+def soft_split_indices(side: int, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """Indices that turn a (B, C, side*side + 1) map (row-major, one zero appended) into torch's unfold.
+
+    Gathered along the last axis they give (B, C, kernel*kernel*L) in (ki, kj, token) order, which reshapes to
+    unfold's (B, C*kernel*kernel, L); window cells in the zero padding point at the appended zero.
+    """
+    out = conv_out(side, kernel, stride, padding)
+    cells = np.arange(out)[None, :] * stride - padding + np.arange(kernel)[:, None]  # (ki, oi): row or col
+    rows, cols = cells[:, None, :, None], cells[None, :, None, :]  # (ki, kj, oi, oj) by broadcasting
+    inside = (rows >= 0) & (rows < side) & (cols >= 0) & (cols < side)
+    return np.where(inside, rows * side + cols, side * side).reshape(-1).astype(np.int32)
+
+
+class SoftSplit(nn.Cell):
+    """torch's `nn.Unfold` of a (B, C, side, side) map, then (B, L, C*k*k): `ops.unfold`, or with `portable`
+    one gather."""
+
+    def __init__(self, channels: int, side: int, kernel: int, stride: int, padding: int):
+        super().__init__()
+        self.channels, self.side = channels, side
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.patch = channels * kernel * kernel
+        self.tokens = conv_out(side, kernel, stride, padding) ** 2
+        self.indices = Tensor(soft_split_indices(side, kernel, stride, padding))
+        self.portable = False
+
+    def construct(self, x):
+        if not self.portable:
+            return ops.unfold(x, self.kernel, 1, self.padding, self.stride).transpose(0, 2, 1)
+        flat = x.reshape(-1, self.channels, self.side * self.side)
+        flat = ops.cat((flat, ops.zeros_like(flat[:, :, :1])), 2)
+        patches = ops.gather(flat, self.indices, 2).reshape(-1, self.patch, self.tokens)
+        return patches.transpose(0, 2, 1)
+
+
 class T2TTokenizer(nn.Cell):
     """Tokens-to-token: soft split, mix, re-fold to a map, twice; a third split projected to D."""
 
     def __init__(self, spec: DVTSpec, tok: Tokenizer):
         super().__init__()
-        self.tok = tok
         self.token_dim = spec.token_dim
         self.side1 = conv_out(spec.img_size, tok.kernel, tok.stride, tok.padding)
         self.side2 = conv_out(self.side1, 3, 2, 1)
@@ -109,18 +147,26 @@ class T2TTokenizer(nn.Cell):
             self.attention1 = TokenTransformer(dim1, spec.token_dim, self.side1 ** 2, spec.norm_eps)
             self.attention2 = TokenTransformer(dim2, spec.token_dim, self.side2 ** 2, spec.norm_eps)
         self.project = dense(dim2, spec.embed_dim)
+        self.split1 = SoftSplit(spec.in_chans, spec.img_size, tok.kernel, tok.stride, tok.padding)
+        self.split2 = SoftSplit(spec.token_dim, self.side1, 3, 2, 1)
+        self.split3 = SoftSplit(spec.token_dim, self.side2, 3, 2, 1)
 
     def refold(self, tokens, side: int):
         """(B, side*side, C) tokens back to a (B, C, side, side) map, row-major."""
         return tokens.transpose(0, 2, 1).reshape(-1, self.token_dim, side, side)
 
     def construct(self, image):
-        x = ops.unfold(image, self.tok.kernel, 1, self.tok.padding, self.tok.stride).transpose(0, 2, 1)
-        x = self.attention1(x)
-        x = ops.unfold(self.refold(x, self.side1), 3, 1, 1, 2).transpose(0, 2, 1)
-        x = self.attention2(x)
-        x = ops.unfold(self.refold(x, self.side2), 3, 1, 1, 2).transpose(0, 2, 1)
-        return self.project(x)
+        x = self.attention1(self.split1(image))
+        x = self.attention2(self.split2(self.refold(x, self.side1)))
+        return self.project(self.split3(self.refold(x, self.side2)))
+
+
+def concat_pad(x, padding: int):
+    """Zero padding of the last two axes by concatenation, as `ops.pad` (MindSpore's ONNX exporter has no PadV3)."""
+    rows = ops.zeros_like(x[:, :, :padding, :])
+    x = ops.cat((rows, x, rows), 2)
+    cols = ops.zeros_like(x[:, :, :, :padding])
+    return ops.cat((cols, x, cols), 3)
 
 
 class PatchEmbed(nn.Cell):
@@ -148,12 +194,15 @@ class PatchEmbed(nn.Cell):
         self.patch = tok.kernel
         self.in_chans = spec.in_chans
         self.matmul_bt = ops.MatMul(transpose_b=True)
+        self.portable = False
 
     def construct(self, image):
         if not self.as_matmul:
             x = self.proj(image).reshape(-1, self.embed_dim, self.num_patches)
             return x.transpose(0, 2, 1)
-        if self.padding:
+        if self.padding and self.portable:
+            image = concat_pad(image, self.padding)
+        elif self.padding:
             image = ops.pad(image, (self.padding, self.padding, self.padding, self.padding))
         span = self.grid * self.patch  # pixels beyond the last whole patch are dropped, as the conv does
         g, k = self.grid, self.patch
