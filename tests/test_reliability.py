@@ -20,10 +20,10 @@ import pytest
 
 from tests.faults import limit_file_size
 from tests.test_run_dir import dead_pid, plant_lock
-from tests.test_train import DEMO_DEIT, PYTHON, QUIET, ROOT, assert_same_weights, by_step, final_weights, run_train
+from tests.test_train import PYTHON, QUIET, ROOT, assert_same_weights, by_step, final_weights, run_train
 
-COMMON = [*DEMO_DEIT, "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--max_steps_per_epoch", "12",
-          "--log_interval", "1", "--keep_checkpoints", "3"]
+COMMON = ["--config_path", "config/demo.yaml", "--model", "dvt_tiny_deit", "--batch_size", "16", "--epochs", "2",
+          "--warmup_epochs", "1", "--max_steps_per_epoch", "12", "--log_interval", "1", "--keep_checkpoints", "3"]
 STATE = "dvt_tiny_deit-e0002.ckpt"
 
 

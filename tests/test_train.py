@@ -118,13 +118,12 @@ def kill_when(proc: subprocess.Popen, run_dir: str, pattern: str, timeout: float
 
 # Augmented like the ImageNet recipe (RandAugment, erasing, Mixup/CutMix): the runs below must still be exact.
 AUGMENTED = ["--auto_augment", "rand-m9-mstd0.5-inc1", "--re_prob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
-# The demo digits on the tiny DeiT: the T2T performer's built-in dropout draws its masks with MindSpore's CPU
-# dropout kernel, whose stream is not reproducible (README, "Deterministic runs").
-DEMO_DEIT = ["--config_path", "config/demo.yaml", "--model", "dvt_tiny_deit"]
+# The demo (T2T: its performer's built-in dropout 0.1) with drop path: both draw keyed masks (src/models/dropout.py).
+DEMO_DROPOUT = ["--config_path", "config/demo.yaml", "--drop_path_rate", "0.1"]
 
 
 def test_same_seed_same_run_whatever_the_workers(tmp_path):
-    common = [*DEMO_DEIT, "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
+    common = [*DEMO_DROPOUT, "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
               "--max_steps_per_epoch", "8", "--log_interval", "1", *AUGMENTED]
     runs = []
     for name, workers, processes in (("a", "2", "true"), ("b", "1", "false")):
@@ -134,11 +133,11 @@ def test_same_seed_same_run_whatever_the_workers(tmp_path):
         runs.append(run_dir)
     losses = [by_step(d, "loss") for d in runs]
     assert len(losses[0]) == 16 and losses[0] == losses[1]
-    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_deit-e0002.ckpt")) for d in runs))
+    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_t2t-e0002.ckpt")) for d in runs))
 
 
 def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
-    common = [*DEMO_DEIT, "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "1",
+    common = [*DEMO_DROPOUT, "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "1",
               "--max_steps_per_epoch", "40", "--log_interval", "1", "--lr_per_step", "true", "--ema", "true",
               "--ema_decay", "0.9", "--save_interval_steps", "7", "--keep_checkpoints", "3", *AUGMENTED]
     whole = str(tmp_path / "whole")
@@ -147,7 +146,7 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([PYTHON, "train.py", *QUIET, *common, "--output_dir", killed], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_when(proc, killed, "dvt_tiny_deit-e0002-s00000049.ckpt")  # 9 updates into epoch 2
+    kill_when(proc, killed, "dvt_tiny_t2t-e0002-s00000049.ckpt")  # 9 updates into epoch 2
     for path in glob.glob(os.path.join(killed, "*.ckpt")):  # every checkpoint on disk is whole
         assert ms.load_checkpoint(path)
 
@@ -159,9 +158,9 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
         assert by_step(killed, key) == by_step(whole, key), key
     assert len(by_step(whole, "loss")) == 120
     assert [r["train_loss"] for r in records(killed, "epoch")] == [r["train_loss"] for r in records(whole, "epoch")]
-    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_deit-e0003.ckpt")) for d in (whole, killed)),
+    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_t2t-e0003.ckpt")) for d in (whole, killed)),
                         atol=1e-6)
-    with open(os.path.join(killed, "dvt_tiny_deit-e0003.json")) as handle:
+    with open(os.path.join(killed, "dvt_tiny_t2t-e0003.json")) as handle:
         assert json.load(handle)["step"] == 120
 
 

@@ -1,6 +1,6 @@
-// LayerNorm over the last axis and erf GELU for MindSpore's CPU backend, as AOT custom ops
-// (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes, stream, extra)` interface).
-// float32 only; the Python side uses them for fp32 inference and MindSpore's own ops otherwise.
+// LayerNorm over the last axis and erf GELU (fp32 inference), and the keyed dropout masks (training), for
+// MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
+// stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
 // vectorised erff (libmvec), which is most of the gain for GELU.
 // Work is split over short-lived std::threads rather than OpenMP: libgomp's threads spin after each kernel
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -48,6 +49,27 @@ void ParallelFor(int64_t items, int64_t work_per_item, Body body) {
   }
   body(0, std::min(items, step));
   for (auto &helper : helpers) helper.join();
+}
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+
+// splitmix64's output function: a bijection of 64-bit words whose every output bit depends on every input bit.
+uint64_t Mix(uint64_t z) {
+  z += kGolden;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+uint32_t Bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// The 24-bit draw of element `index` holding `value`, under `salt` (src/models/dropout.py documents the scheme).
+uint64_t ElementDraw(uint64_t salt, int64_t index, float value) {
+  return Mix(Mix(salt + static_cast<uint64_t>(index) * kGolden) ^ Bits(value)) >> 40;
 }
 
 }  // namespace
@@ -93,6 +115,56 @@ extern "C" int LayerNormLastAxis(int nparam, void **params, int *ndims, int64_t 
       }
       const float scale = 1.0f / std::sqrt(squares / static_cast<float>(width) + epsilon);
       for (int64_t i = 0; i < width; ++i) out[i] = (row[i] - mean) * scale * gamma[i] + beta[i];
+    }
+  });
+  return 0;
+}
+
+namespace {
+
+// params of both mask kernels: x, key [salt, threshold] (int64), scale [1] (float), mask.
+struct MaskParams {
+  const float *x;
+  uint64_t salt;
+  uint64_t threshold;
+  float scale;
+  float *mask;
+};
+
+MaskParams ReadMaskParams(void **params) {
+  const int64_t *key = static_cast<const int64_t *>(params[1]);
+  return {static_cast<const float *>(params[0]), static_cast<uint64_t>(key[0]), static_cast<uint64_t>(key[1]),
+          *static_cast<const float *>(params[2]), static_cast<float *>(params[3])};
+}
+
+}  // namespace
+
+// mask has the shape of x: 0 where the element's draw is below threshold, else scale.
+extern "C" int KeyedDropoutMask(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const MaskParams p = ReadMaskParams(params);
+  const int64_t count = ElementCount(ndims[0], shapes[0]);
+  ParallelFor(count, 4, [p](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) p.mask[i] = ElementDraw(p.salt, i, p.x[i]) < p.threshold ? 0.0f : p.scale;
+  });
+  return 0;
+}
+
+// x is [B, ...], mask [B, 1, ...]: one draw per sample, from the wrapping sum of its elements' mixed
+// (position, value) words, so that it depends on the whole sample.
+extern "C" int KeyedSampleMask(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const MaskParams p = ReadMaskParams(params);
+  const int64_t samples = shapes[0][0];
+  const int64_t width = samples ? ElementCount(ndims[0], shapes[0]) / samples : 0;
+  ParallelFor(samples, width * 4, [p, width](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const float *row = p.x + b * width;
+      uint64_t sum = 0;
+      for (int64_t j = 0; j < width; ++j) sum += Mix((static_cast<uint64_t>(j) << 32) | Bits(row[j]));
+      p.mask[b] = (Mix(p.salt ^ sum) >> 40) < p.threshold ? 0.0f : p.scale;
     }
   });
   return 0;

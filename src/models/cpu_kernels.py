@@ -1,12 +1,13 @@
-"""Fast CPU kernels for the two ops MindSpore 2.10 runs slowest on CPU: LayerNorm and erf GELU.
+"""CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; reproducible dropout masks.
 
-MindSpore's CPU LayerNorm and erf GELU take about 22x and 23-45x torch's time (shared facts note); they are
-about 10% and 20% of a DVT forward here. `cpu_kernels.cc` implements both as AOT custom ops (vectorised,
-split over the usable cores). It is built once per machine with g++ into a cache folder (`DVT_KERNEL_DIR`, default
-`~/.cache/dvt_mindspore`), keyed by source, flags, compiler and CPU, and written atomically, so concurrent
-workers and clusters with a shared home are safe. The kernels serve fp32 inference on CPU only: training,
-other devices, other dtypes and exported MindIR use MindSpore's own ops. `DVT_CPU_KERNELS=0` turns them off;
-without a compiler, or if the build fails, MindSpore's ops run and a warning says why.
+MindSpore's CPU LayerNorm and erf GELU take about 22x and 23-45x torch's time (measured beside torch 2.13 on
+the same machine); they are about 10% and 20% of a DVT forward here. `cpu_kernels.cc` implements both as AOT
+custom ops (vectorised, split over the usable cores), and the keyed dropout masks of `dropout.py`. It is built
+once per machine with g++ into a cache folder (`DVT_KERNEL_DIR`, default `~/.cache/dvt_mindspore`), keyed by
+source, flags, compiler and CPU, and written atomically, so concurrent workers and clusters with a shared home
+are safe. LayerNorm and GELU serve fp32 inference on CPU only: training, other devices, other dtypes and exported
+MindIR use MindSpore's own ops. `DVT_CPU_KERNELS=0` turns them all off; without a compiler, or if the build
+fails, MindSpore's ops run and a warning says why.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 SWITCH = "DVT_CPU_KERNELS"
 CACHE_DIR = "DVT_KERNEL_DIR"
+FALLBACK = "MindSpore's slower LayerNorm and GELU and its non-reproducible dropout are used"
 
 
 def _cpu_flags() -> str:
@@ -51,8 +53,8 @@ def library_path() -> str | None:
         return None
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        warnings.warn("no C++ compiler (g++ or $CXX) found: MindSpore's slower LayerNorm and GELU are used "
-                      f"(set {SWITCH}=0 to silence this)", stacklevel=2)
+        warnings.warn(f"no C++ compiler (g++ or $CXX) found: {FALLBACK} (set {SWITCH}=0 to silence this)",
+                      stacklevel=2)
         return None
     folder = os.environ.get(CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "dvt_mindspore")
     target = os.path.join(folder, f"libdvt_cpu_kernels_{_build_key(compiler)}.so")
@@ -63,8 +65,7 @@ def library_path() -> str | None:
         handle, partial = tempfile.mkstemp(dir=folder, prefix=".build_", suffix=".so")
         os.close(handle)
     except OSError as err:
-        warnings.warn(f"cannot write the CPU kernels to {folder} ({err}): MindSpore's LayerNorm and GELU are used",
-                      stacklevel=2)
+        warnings.warn(f"cannot write the CPU kernels to {folder} ({err}): {FALLBACK}", stacklevel=2)
         return None
     try:
         subprocess.run([compiler, *FLAGS, SOURCE, "-o", partial], capture_output=True, text=True, check=True,
@@ -72,8 +73,7 @@ def library_path() -> str | None:
         os.replace(partial, target)
     except (subprocess.SubprocessError, OSError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(f"building the CPU kernels failed, MindSpore's LayerNorm and GELU are used: {detail.strip()}",
-                      stacklevel=2)
+        warnings.warn(f"building the CPU kernels failed: {FALLBACK}: {detail.strip()}", stacklevel=2)
         return None
     finally:
         if os.path.exists(partial):
@@ -81,15 +81,21 @@ def library_path() -> str | None:
     return target
 
 
-def _same_as_first(*args):
+def same_as_first(*args):
+    """The first input's shape or dtype: the output of an element-wise op."""
     return args[0]
 
 
-def custom_op(function: str) -> ops.Custom | None:
-    """The AOT op `function` of the library, for the current device; None off CPU or without the library."""
+def custom_op(function: str, out_shape=same_as_first, bprop=None) -> ops.Custom | None:
+    """The AOT op `function` of the library, for the current device; None off CPU or without the library.
+
+    `out_shape` maps the input shapes to the output's (default: the first input's); the output has the first
+    input's dtype. `bprop` is the op's backward, for ops used in training graphs.
+    """
     if ms.get_context("device_target") != "CPU":
         return None
     path = library_path()
     if path is None:
         return None
-    return ops.Custom(f"{path}:{function}", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot")
+    return ops.Custom(f"{path}:{function}", out_shape=out_shape, out_dtype=same_as_first, func_type="aot",
+                      bprop=bprop)

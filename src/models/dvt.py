@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 from mindspore import nn
 
+from .dropout import key_masks
 from .spec import DVTSpec
 from .stage import Stage
 
@@ -25,6 +27,7 @@ class DVT(nn.Cell):
                                 emit_tokens=not last and spec.uses_feature_reuse(k + 1),
                                 emit_relations=not last and spec.uses_relation_reuse(k + 1)))
         self.stages = nn.CellList(stages)
+        key_masks(self, ms.get_seed() or 0)  # reproducible dropout masks: see dropout.py
 
     @property
     def num_exits(self) -> int:

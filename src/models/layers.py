@@ -1,4 +1,4 @@
-"""Transformer building blocks: Mlp, DropPath, Attention (returns its logits, takes a logit bias), Block.
+"""Transformer building blocks: Mlp, Attention (returns its logits, takes a logit bias), Block.
 
 Defaults that differ from PyTorch are set explicitly: LayerNorm epsilon is always passed, GELU is the
 exact erf form, Dense weights start as trunc_normal(0.02) with zero biases (the reference init).
@@ -14,6 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, Uniform, initializer
 
 from . import cpu_kernels
+from .dropout import Dropout, DropPath
 
 
 def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
@@ -112,25 +113,11 @@ class Mlp(nn.Cell):
         self.fc1 = dense(in_features, hidden_features)
         self.act = gelu()
         self.fc2 = dense(hidden_features, out_features)
-        self.drop = nn.Dropout(p=drop)
+        self.drop = Dropout(drop)
 
     def construct(self, x):
         x = self.drop(self.act(self.fc1(x)))
         return self.drop(self.fc2(x))
-
-
-class DropPath(nn.Cell):
-    """Stochastic depth per sample: x / keep * floor(keep + U[0, 1)), identity in eval mode."""
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.dropout = nn.Dropout(p=float(rate)) if rate > 0 else None
-
-    def construct(self, x):
-        if self.dropout is None or not self.training:
-            return x
-        keep_mask = self.dropout(ops.ones_like(x[:, :1, :1]))  # (B, 1, 1): 0 or 1 / keep
-        return x * keep_mask
 
 
 class Attention(nn.Cell):
@@ -148,9 +135,9 @@ class Attention(nn.Cell):
         self.dim = dim
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
-        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.attn_drop = Dropout(attn_drop)
         self.proj = dense(dim, dim)
-        self.proj_drop = nn.Dropout(p=proj_drop)
+        self.proj_drop = Dropout(proj_drop)
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
         self.av_matmul = ops.BatchMatMul()
 

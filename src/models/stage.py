@@ -12,6 +12,7 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
+from .dropout import Dropout
 from .layers import Block, dense, frozen, layer_norm, sinusoid_table
 from .reuse import FeatureReuse, RelationReuse
 from .spec import T2T, DVTSpec
@@ -41,7 +42,7 @@ class Stage(nn.Cell):
         else:
             self.pos_embed = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, num_tokens, dim)),
                                        name="pos_embed")
-        self.pos_drop = nn.Dropout(p=spec.drop_rate)
+        self.pos_drop = Dropout(spec.drop_rate)
 
         drop_path_rates = np.linspace(0, spec.drop_path_rate, spec.depth)
         blocks = []

@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Orthogonal, initializer
 
+from .dropout import Dropout
 from .layers import Mlp, dense, gelu, layer_norm, torch_default_uniform
 from .spec import T2T, DVTSpec, Tokenizer, conv_out
 
@@ -33,11 +34,11 @@ class TokenPerformer(nn.Cell):
         self.emb = emb
         self.num_features = int(emb * kernel_ratio)
         self.kqv = dense(dim, 3 * emb)
-        self.dp = nn.Dropout(p=PERFORMER_DROPOUT)
+        self.dp = Dropout(PERFORMER_DROPOUT)
         self.proj = dense(emb, emb)
         self.norm1 = layer_norm(dim, norm_eps)
         self.norm2 = layer_norm(emb, norm_eps)
-        self.mlp = nn.SequentialCell([dense(emb, emb), gelu(), dense(emb, emb), nn.Dropout(p=PERFORMER_DROPOUT)])
+        self.mlp = nn.SequentialCell([dense(emb, emb), gelu(), dense(emb, emb), Dropout(PERFORMER_DROPOUT)])
         w = initializer(Orthogonal(gain=math.sqrt(self.num_features)), (self.num_features, emb))
         self.w = Parameter(w, name="w", requires_grad=False)
         self.feature_scale = 1.0 / math.sqrt(self.num_features)
