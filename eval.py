@@ -8,6 +8,8 @@
 on training data) for --budgets and scores them on the validation set; --mode stored scores the thresholds
 stored with a converted official checkpoint; --mode report prints the results stored with the checkpoint.
 Outputs go to --output_dir: budget_curve.json / .csv / .png and thresholds.json.
+Without --config_path, the model (name, classes, image size, grids, eval preprocessing) is the one the
+checkpoint's JSON records (best.json, <ckpt>.json); the data still come from --dataset and --data_path.
 """
 
 import argparse
@@ -31,7 +33,8 @@ PROBS_KEYS = ("val_probs", "val_labels", "calib_probs", "calib_labels", "flops")
 
 def eval_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--checkpoint_path", help="best.ckpt, a training checkpoint (EMA weights) or a converted one")
+    flags.add_argument("--checkpoint_path", help="best.ckpt, a training checkpoint (EMA weights) or a converted one; "
+                                                  "without --config_path, its JSON names the model")
     flags.add_argument("--mode", choices=("solve", "stored", "report"), default="solve")
     flags.add_argument("--method", choices=METHODS, default="ga", help="threshold solver (default ga)")
     flags.add_argument("--budgets", default="official",
@@ -50,6 +53,15 @@ def eval_flags() -> argparse.ArgumentParser:
                             "remainder's binary digits); 0 = one dynamic-batch graph per stage")
     flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
     return flags
+
+
+def checkpoint_recipe(args: argparse.Namespace) -> dict:
+    """Without --config_path: the model the checkpoint's JSON records ({} where no model is built)."""
+    from src.engine.checkpoint import recipe_from_checkpoint
+
+    if args.from_probs or args.mode == "report" or not args.checkpoint_path:
+        return {}
+    return recipe_from_checkpoint(args.checkpoint_path, model_given=args.model is not None)
 
 
 def load_probs(path: str) -> dict:
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.engine.evaluate import accuracy_per_exit
 
     try:
-        config, args = resolve(argv, __doc__.splitlines()[0], eval_flags())
+        config, args = resolve(argv, __doc__.splitlines()[0], eval_flags(), no_recipe=checkpoint_recipe)
         if args.adaptive:
             return run_adaptive(config, args)
         if args.mode == "report":

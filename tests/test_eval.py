@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,6 +84,36 @@ def test_eval_errors(trained):
     assert low.returncode == 1 and "below the first exit's cost" in low.stderr
     report = run_eval("--mode", "report", "--checkpoint_path", ckpt)
     assert '"model": "dvt_tiny_deit"' in report.stdout and '"exit_gflops"' in report.stdout
+
+
+def test_without_a_recipe_the_checkpoint_json_names_the_model(trained, tmp_path, capsys):
+    """eval.py and export.py build the model best.json records (no --model, --num_classes, --img_size given);
+    an explicit recipe still wins and its mismatch is named; with neither recipe nor JSON, one line says what
+    to pass."""
+    import eval as eval_py
+    import export
+
+    tmp, model, ckpt = trained
+    data = ["--dataset", "folder", "--data_path", model[model.index("--data_path") + 1]]
+    run_eval(*data, "--checkpoint_path", ckpt, "--output_dir", str(tmp_path / "out"), "--budgets", "0.5x",
+             "--calib_size", "12")
+    with open(tmp_path / "out" / "thresholds.json") as handle:
+        assert json.load(handle)["model"] == "dvt_tiny_deit"
+    assert export.main(["--ckpt_file", ckpt, "--file_name", str(tmp_path / "export" / "tiny")]) == 0
+    with open(tmp_path / "export" / "manifest.json") as handle:
+        manifest = json.load(handle)
+    assert (manifest["model"], manifest["num_classes"], manifest["grids"]) == ("dvt_tiny_deit", 3, [2, 3, 4])
+    assert manifest["preprocess"]["img_size"] == 16
+    capsys.readouterr()
+    assert eval_py.main(["--config_path", "config/demo.yaml", "--checkpoint_path", ckpt]) == 1
+    assert "holds a dvt_tiny_deit model, this run builds dvt_tiny_t2t:" in capsys.readouterr().err
+    bare = str(tmp_path / "bare.ckpt")
+    shutil.copy(ckpt, bare)
+    expected = (f"no --config_path, and no {tmp_path}/bare.json names the model of {bare}: give --config_path "
+                "RECIPE (config/*.yaml) or --model NAME")
+    assert eval_error(capsys, "--checkpoint_path", bare, *data) == expected
+    assert export.main(["--ckpt_file", bare, "--file_name", str(tmp_path / "bare" / "tiny")]) == 1
+    assert capsys.readouterr().err == f"export.py: error: {expected}\n"
 
 
 def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
