@@ -88,10 +88,14 @@ def test_threshold_table_is_checked_where_it_is_read(tmp_path):
             load_threshold_table(table([good[0], {"budget_gflops": 1.0, "thresholds": values}]), 3)
     cases = {"budget": [{"budget_gflops": "cheap", "thresholds": [0.9, 0.8, 0.0]}],
              "nan": [{"budget_gflops": 1.0, "thresholds": [float("nan"), 0.8, 0.0]}],
-             "keys": [{"thresholds": [0.9, 0.8, 0.0]}], "rows": {"budget_gflops": 1.0}}
+             "keys": [{"thresholds": [0.9, 0.8, 0.0]}], "rows": {"budget_gflops": 1.0},
+             "huge": [{"budget_gflops": 10**400, "thresholds": [0.9, 0.8, 0.0]}],
+             "huge threshold": [{"budget_gflops": 1.0, "thresholds": [10**400, 0.8, 0.0]}]}
     messages = {"budget": "row 1: budget_gflops must be a positive finite number, not 'cheap'",
                 "nan": r"row 1 \(1 GFLOPs\): thresholds must be a list of finite numbers",
-                "keys": "row 1 must hold 'budget_gflops' and 'thresholds'", "rows": "must be a list of rows, not dict"}
+                "keys": "row 1 must hold 'budget_gflops' and 'thresholds'", "rows": "must be a list of rows, not dict",
+                "huge": "row 1: budget_gflops must be a positive finite number, not 1000",
+                "huge threshold": r"row 1 \(1 GFLOPs\): thresholds must be a list of finite numbers"}
     for case, rows in cases.items():
         with pytest.raises(ValueError, match=messages[case]):
             load_threshold_table(table(rows), 3)
