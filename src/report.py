@@ -12,18 +12,22 @@ CURVE_FIELDS = ("budget_gflops", "expected_gflops", "top1", "exit_fractions", "t
 PLOT_HINT = "pip install matplotlib (or -r requirements-plot.txt) to get budget_curve.png"
 
 
+def aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells (the first a header) as lines, each column right-aligned to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+
+
 def table(curve: list[dict], exits: dict, gflops: list[float]) -> str:
-    """The per-exit results, then one line per budget."""
-    lines = ["exit  GFLOPs   top-1   top-5"]
-    for k, cost in enumerate(gflops):
-        lines.append(f"{k + 1:>4}  {cost:>6.4g}  {exits['top1'][k]:>6.2f}  {exits['top5'][k]:>6.2f}")
+    """The per-exit results, then one line per budget, columns aligned."""
+    lines = aligned([["exit", "GFLOPs", "top-1", "top-5"]]
+                    + [[str(k + 1), f"{cost:.4g}", f"{exits['top1'][k]:.2f}", f"{exits['top5'][k]:.2f}"]
+                       for k, cost in enumerate(gflops)])
     if curve:
         lines.append("")
-        lines.append("budget  expected  top-1   exit fractions")
-        for row in curve:
-            fractions = " ".join(f"{f:.3f}" for f in row["exit_fractions"])
-            lines.append(f"{row['budget_gflops']:>6.4g}  {row['expected_gflops']:>8.4g}  {row['top1']:>6.2f}   "
-                         f"{fractions}")
+        lines += aligned([["budget", "expected", "top-1", "exit fractions"]]
+                         + [[f"{row['budget_gflops']:.4g}", f"{row['expected_gflops']:.4g}", f"{row['top1']:.2f}",
+                             " ".join(f"{f:.3f}" for f in row["exit_fractions"])] for row in curve])
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,22 @@ import numpy as np
 import pytest
 
 from src.budget import confidences, simulate
-from src.report import plot_curve
+from src.report import plot_curve, table
 from tests.faults import limit_file_size
 from tests.test_data import make_folder
 from tests.test_train import QUIET, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_aligned(text: str, first: str, rows: int) -> None:
+    """The table in `text` whose header starts with the word `first` has `rows` rows under the header, and every
+    cell (a run of text two or more spaces from the next) ends where the header's cell ends."""
+    lines = text.splitlines()
+    block = lines[next(i for i, line in enumerate(lines) if line.split()[:1] == [first]):]
+    block = block[:block.index("")] if "" in block else block
+    ends = [[m.end() for m in re.finditer(r"\S+(?: \S+)*", line)] for line in block]
+    assert len(ends) == rows + 1 and all(row == ends[0] for row in ends), text
 
 
 def run_eval(*args, check=True) -> subprocess.CompletedProcess:
@@ -44,7 +55,7 @@ def test_eval_writes_the_curve_and_from_probs_reproduces_it(trained):
     probs = str(tmp / "probs.npz")
     result = run_eval(*model, *QUIET[:2], "--checkpoint_path", ckpt, "--output_dir", out, "--save_probs", probs,
                       "--budgets", "official", "--calib_size", "30")
-    assert "exit  GFLOPs   top-1   top-5" in result.stdout
+    assert_aligned(result.stdout, "exit", 3)
     with open(os.path.join(out, "budget_curve.json")) as handle:
         curve = json.load(handle)
     assert len(curve) == 59
@@ -95,8 +106,10 @@ def test_without_a_recipe_the_checkpoint_json_names_the_model(trained, tmp_path,
 
     tmp, model, ckpt = trained
     data = ["--dataset", "folder", "--data_path", model[model.index("--data_path") + 1]]
-    run_eval(*data, "--checkpoint_path", ckpt, "--output_dir", str(tmp_path / "out"), "--budgets", "0.5x",
-             "--calib_size", "12")
+    result = run_eval(*data, "--checkpoint_path", ckpt, "--output_dir", str(tmp_path / "out"),
+                      "--budgets", "0.3x,0.5x,1x", "--calib_size", "12")
+    assert_aligned(result.stdout, "exit", 3)
+    assert_aligned(result.stdout, "budget", 3)
     with open(tmp_path / "out" / "thresholds.json") as handle:
         assert json.load(handle)["model"] == "dvt_tiny_deit"
     assert export.main(["--ckpt_file", ckpt, "--file_name", str(tmp_path / "export" / "tiny")]) == 0
@@ -114,6 +127,14 @@ def test_without_a_recipe_the_checkpoint_json_names_the_model(trained, tmp_path,
     assert eval_error(capsys, "--checkpoint_path", bare, *data) == expected
     assert export.main(["--ckpt_file", bare, "--file_name", str(tmp_path / "bare" / "tiny")]) == 1
     assert capsys.readouterr().err == f"export.py: error: {expected}\n"
+
+
+def test_tables_pad_every_column_to_its_widest_cell():
+    curve = [{"budget_gflops": b, "expected_gflops": e, "top1": t, "exit_fractions": f} for b, e, t, f in
+             [(0.00038, 0.000386, 96.94, [0.986, 0.014, 0.0]), (0.0006333, 0.0005766, 100.0, [0.8, 0.1, 0.1])]]
+    text = table(curve, {"top1": [9.5, 96.94, 100.0], "top5": [99.72, 99.72, 99.16]}, [0.0003646, 0.01, 12.5])
+    assert_aligned(text, "exit", 3)
+    assert_aligned(text, "budget", 2)
 
 
 def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
