@@ -13,7 +13,6 @@ checkpoint's JSON records (best.json, <ckpt>.json); the data still come from --d
 """
 
 import argparse
-import json
 import os
 import sys
 import zipfile
@@ -232,22 +231,22 @@ def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict
 
 
 def report_stored(checkpoint_path: str | None) -> int:
-    """The results stored in a checkpoint's JSON (a converted official one, or ours), once the checkpoint
-    itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
-    from src.engine.checkpoint import read_meta
+    """The results stored in a checkpoint's JSON (a converted official one, or ours) as a table, once the
+    checkpoint itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
+    from src.engine.checkpoint import meta_path, read_meta
     from src.models.weights import read_checkpoint
+    from src.report import stored_table
 
     if not checkpoint_path or not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
     read_checkpoint(checkpoint_path)
     meta = read_meta(checkpoint_path)
-    keys = ("model", "arch", "exit_gflops", "analytic_gflops", "flops", "val", "anytime_classification",
-            "budgeted_batch_classification")
-    shown = {key: meta[key] for key in keys if key in meta}
-    if not shown:
+    text = stored_table(meta, checkpoint_path)
+    if not text:
         print(f"{checkpoint_path} has no stored results (no JSON beside it)")
         return 1
-    print(json.dumps(shown, indent=1))
+    print(text)
+    print(f"\nall of it, as JSON: {meta_path(checkpoint_path)}")
     return 0
 
 

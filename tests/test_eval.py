@@ -94,7 +94,11 @@ def test_eval_errors(trained):
     low = run_eval("--from_probs", probs, "--budgets", "0.00001", "--output_dir", str(tmp / "o2"), check=False)
     assert low.returncode == 1 and "below the first exit's cost" in low.stderr
     report = run_eval("--mode", "report", "--checkpoint_path", ckpt)
-    assert '"model": "dvt_tiny_deit"' in report.stdout and '"exit_gflops"' in report.stdout
+    assert report.stdout.startswith(f"{ckpt}: dvt_tiny_deit, epoch ") and "; accuracy on 36 validation" in report.stdout
+    assert_aligned(report.stdout, "exit", 3)
+    with open(ckpt[:-len(".ckpt")] + ".json") as handle:
+        top1 = json.load(handle)["val"]["top1"]
+    assert [line.split()[2] for line in report.stdout.splitlines()[2:5]] == [f"{t:.2f}" for t in top1]
 
 
 def test_without_a_recipe_the_checkpoint_json_names_the_model(trained, tmp_path, capsys):
@@ -237,6 +241,27 @@ def test_adaptive_refuses_bad_budgets_and_thresholds_rows(tmp_path, capsys):
         assert eval_error(capsys, *args, "--budget", "1") == (f"{table}: row 1 (0.001 GFLOPs) holds {len(row)} "
                                                               "threshold(s) for 3 exits: give one per exit (the "
                                                               "last exit's is not used)")
+
+
+def test_report_of_a_converted_checkpoint_is_a_table(tmp_path, capsys):
+    import mindspore as ms
+
+    import eval as eval_py
+    from src.models import create_model
+
+    ckpt = str(tmp_path / "dvt_tiny.ckpt")
+    ms.save_checkpoint(create_model("dvt_tiny_t2t"), ckpt)
+    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # the converter's keys, the official release's records
+        json.dump({"arch": "dvt_tiny_t2t", "analytic_gflops": [0.0003646, 0.001903, 0.003167],
+                   "flops": [0.1, 0.3, 0.7], "anytime_classification": [60.0, 65.5, 70.25],
+                   "budgeted_batch_classification": [[0.2, 0.4], [61.0, 66.0]]}, handle)
+    assert eval_py.main(["--mode", "report", "--checkpoint_path", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{ckpt}: dvt_tiny_t2t\nexit")
+    assert_aligned(out, "exit", 3)
+    assert out.splitlines()[2].split() == ["1", "0.0003646", "0.1", "60.00"]
+    assert_aligned(out, "GFLOPs", 2)
+    assert out.rstrip().endswith(f"all of it, as JSON: {tmp_path}/dvt_tiny.json")
 
 
 def test_report_on_a_damaged_checkpoint_names_it(trained, tmp_path, capsys):
