@@ -158,6 +158,7 @@ def test_adaptive_inference_matches_the_solved_curve(trained):
                       "--budget", repr(row["budget_gflops"]))
     assert f"top-1 {row['top1']:.2f}% on 36 images" in result.stdout
     assert "exit fractions " + " ".join(f"{f:.3f}" for f in row["exit_fractions"]) in result.stdout
+    assert re.search(r"images/s, not counting the [0-9.]+ s of compiling the stages' 15 graphs first", result.stdout)
     missing = run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", str(tmp / "none"), "--adaptive",
                        "--budget", "1", check=False)
     assert missing.returncode == 1 and "thresholds file not found" in missing.stderr
