@@ -8,10 +8,11 @@
 on training data) for --budgets and scores them on the validation set; --mode stored scores the thresholds
 stored with a converted official checkpoint; --mode report prints the results stored with the checkpoint.
 Outputs go to --output_dir: budget_curve.json / .csv / .png and thresholds.json.
+Without --config_path, the model (name, classes, image size, grids, eval preprocessing) is the one the
+checkpoint's JSON records (best.json, <ckpt>.json); the data still come from --dataset and --data_path.
 """
 
 import argparse
-import json
 import os
 import sys
 import zipfile
@@ -31,7 +32,8 @@ PROBS_KEYS = ("val_probs", "val_labels", "calib_probs", "calib_labels", "flops")
 
 def eval_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--checkpoint_path", help="best.ckpt, a training checkpoint (EMA weights) or a converted one")
+    flags.add_argument("--checkpoint_path", help="best.ckpt, a training checkpoint (EMA weights) or a converted one; "
+                                                  "without --config_path, its JSON names the model")
     flags.add_argument("--mode", choices=("solve", "stored", "report"), default="solve")
     flags.add_argument("--method", choices=METHODS, default="ga", help="threshold solver (default ga)")
     flags.add_argument("--budgets", default="official",
@@ -50,6 +52,15 @@ def eval_flags() -> argparse.ArgumentParser:
                             "remainder's binary digits); 0 = one dynamic-batch graph per stage")
     flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
     return flags
+
+
+def checkpoint_recipe(args: argparse.Namespace) -> dict:
+    """Without --config_path: the model the checkpoint's JSON records ({} where no model is built)."""
+    from src.engine.checkpoint import recipe_from_checkpoint
+
+    if args.from_probs or args.mode == "report" or not args.checkpoint_path:
+        return {}
+    return recipe_from_checkpoint(args.checkpoint_path, model_given=args.model is not None)
 
 
 def load_probs(path: str) -> dict:
@@ -134,6 +145,9 @@ def run_adaptive(config: dict, args) -> int:
     thresholds = thresholds_for(load_threshold_table(table_path, net.num_exits), budget)
     flops = exit_costs(net, meta)
     cascade = AdaptiveCascade(net, thresholds, micro_batch=args.micro_batch)
+    start = time.perf_counter()
+    graphs = cascade.warm_up()
+    compiling = time.perf_counter() - start
     exits, correct, seconds = [], 0, 0.0
     for images, labels in create_eval_loader(config, net.spec.img_size).batches():
         start = time.perf_counter()
@@ -146,7 +160,8 @@ def run_adaptive(config: dict, args) -> int:
     print(f"adaptive inference at {budget:.4g} GFLOPs (thresholds {', '.join(f'{t:.4g}' for t in thresholds)})")
     print(f"  top-1 {100.0 * correct / len(exits):.2f}% on {len(exits)} images; exit fractions "
           f"{' '.join(f'{f:.3f}' for f in fractions)}; {float(fractions @ np.asarray(flops)):.4g} GFLOPs per image")
-    print(f"  {len(exits) / seconds:.1f} images/s (first batch includes compiling the stages)")
+    print(f"  {len(exits) / seconds:.1f} images/s, not counting the {compiling:.1f} s of compiling the stages' "
+          f"{graphs} graphs first")
     return 0
 
 
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.engine.evaluate import accuracy_per_exit
 
     try:
-        config, args = resolve(argv, __doc__.splitlines()[0], eval_flags())
+        config, args = resolve(argv, __doc__.splitlines()[0], eval_flags(), no_recipe=checkpoint_recipe)
         if args.adaptive:
             return run_adaptive(config, args)
         if args.mode == "report":
@@ -220,22 +235,22 @@ def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict
 
 
 def report_stored(checkpoint_path: str | None) -> int:
-    """The results stored in a checkpoint's JSON (a converted official one, or ours), once the checkpoint
-    itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
-    from src.engine.checkpoint import read_meta
+    """The results stored in a checkpoint's JSON (a converted official one, or ours) as a table, once the
+    checkpoint itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
+    from src.engine.checkpoint import meta_path, read_meta
     from src.models.weights import read_checkpoint
+    from src.report import stored_table
 
     if not checkpoint_path or not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
     read_checkpoint(checkpoint_path)
     meta = read_meta(checkpoint_path)
-    keys = ("model", "arch", "exit_gflops", "analytic_gflops", "flops", "val", "anytime_classification",
-            "budgeted_batch_classification")
-    shown = {key: meta[key] for key in keys if key in meta}
-    if not shown:
+    text = stored_table(meta, checkpoint_path)
+    if not text:
         print(f"{checkpoint_path} has no stored results (no JSON beside it)")
         return 1
-    print(json.dumps(shown, indent=1))
+    print(text)
+    print(f"\nall of it, as JSON: {meta_path(checkpoint_path)}")
     return 0
 
 

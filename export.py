@@ -21,9 +21,18 @@ from src.atomic import WriteFailed
 from src.config import ConfigError, resolve
 from src.models import CheckpointMismatch
 
+MODEL_HELP = ("The model and its preprocessing come from --config_path and config keys (--model, --num_classes, "
+              "--img_size, --grids, --mean, --std, --crop_pct, --interpolation, --dataset, --data_path, ...; "
+              "`python eval.py --help` lists them all); without a recipe, from the checkpoint's JSON (best.json, "
+              "<ckpt>.json). --batch_size is the export's batch, not the recipe's.")
+
 
 def export_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    """export.py's own flags, parsed before the config keys (their --batch_size is another one)."""
+    flags = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0], epilog=MODEL_HELP,
+                                    allow_abbrev=False)
+    flags.add_argument("--config_path", help="YAML recipe (config/*.yaml) the model was trained with; default: the "
+                                             "model the checkpoint's JSON records")
     flags.add_argument("--ckpt_file", required=True, help="best.ckpt, a training checkpoint or a converted one")
     flags.add_argument("--file_name", required=True, help="output path prefix, e.g. export/dvt_t2t_vit_12")
     flags.add_argument("--file_format", default="MINDIR", choices=("MINDIR", "ONNX", "AIR"))
@@ -38,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     from src.data.transforms import eval_resize
     from src.deploy.export import check_export_folder, check_file_format, export_cascade
     from src.engine.adaptive import load_threshold_table
+    from src.engine.checkpoint import recipe_from_checkpoint
     from src.engine.trainer import exit_costs, load_network
 
     try:
         # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.
         args, rest = export_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
-        config, _ = resolve(rest, __doc__.splitlines()[0])
+        recipe = ["--config_path", args.config_path] if args.config_path else []
+        config, _ = resolve(recipe + rest, __doc__.splitlines()[0],
+                            no_recipe=lambda cli: recipe_from_checkpoint(args.ckpt_file, cli.model is not None))
         if args.batch_size < 0:
             raise ConfigError(f"--batch_size must be 0 (dynamic) or positive, got {args.batch_size}")
         if args.thresholds_file and not os.path.isfile(args.thresholds_file):

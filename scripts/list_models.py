@@ -1,6 +1,9 @@
 """List the registered models (exits, grids, parameters, GFLOPs per exit); optionally run one.
 
 usage: python scripts/list_models.py [--run NAME] [--batch N] [--device_target CPU|GPU|Ascend]
+
+MindSpore logs errors only (GLOG_v=3), so its warnings (building models without weights warns per tensor)
+do not interleave with the table; set GLOG_v=2 to see them.
 """
 
 import argparse
@@ -10,6 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("GLOG_v", "3")  # read by MindSpore when it is imported
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,7 +44,11 @@ def main(argv=None) -> int:
         print(f"{name:<16} {grids:<12} {spec.img_size:>4} {parameter_count(spec):>12,}  {gflops}")
 
     if args.run:
-        net = create_model(args.run)
+        try:
+            net = create_model(args.run)
+        except ValueError as err:
+            print(f"list_models.py: error: {err}", file=sys.stderr)
+            return 1
         net.set_train(False)
         spec = net.spec
         images = ms.Tensor(np.random.default_rng(0).normal(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,11 +211,14 @@ def build_parser(description: str, extra: argparse.ArgumentParser | None = None)
     return parser
 
 
-def resolve(argv: list[str] | None, description: str,
-            extra: argparse.ArgumentParser | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+def resolve(argv: list[str] | None, description: str, extra: argparse.ArgumentParser | None = None,
+            no_recipe: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+            ) -> tuple[dict[str, Any], argparse.Namespace]:
     """Defaults, then the recipe, then the command line. Returns the config and the parsed namespace.
 
     `extra` adds program-only flags (not config keys). An unknown flag is an error with a suggestion.
+    Without --config_path, `no_recipe(args)` gives the recipe's keys instead (eval and export read the model
+    from the checkpoint's JSON); they are checked like a recipe's.
     """
     parser = build_parser(description, extra)
     args, unknown = parser.parse_known_args(argv)
@@ -227,6 +231,8 @@ def resolve(argv: list[str] | None, description: str,
     config = {key: option.default for key, option in OPTIONS.items()}
     if args.config_path:
         config.update(load_recipe(args.config_path))
+    elif no_recipe is not None:
+        config.update({key: coerce(key, value) for key, value in no_recipe(args).items()})
     for key in OPTIONS:
         value = getattr(args, key)
         if value is not None:

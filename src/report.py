@@ -1,4 +1,5 @@
-"""The accuracy-vs-GFLOPs curve as a terminal table, JSON, CSV, a thresholds file and a PNG plot."""
+"""The accuracy-vs-GFLOPs curve as a terminal table, JSON, CSV, a thresholds file and a PNG plot; a checkpoint's
+stored results as a table."""
 
 from __future__ import annotations
 
@@ -12,19 +13,58 @@ CURVE_FIELDS = ("budget_gflops", "expected_gflops", "top1", "exit_fractions", "t
 PLOT_HINT = "pip install matplotlib (or -r requirements-plot.txt) to get budget_curve.png"
 
 
+def aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells (the first a header) as lines, each column right-aligned to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+
+
 def table(curve: list[dict], exits: dict, gflops: list[float]) -> str:
-    """The per-exit results, then one line per budget."""
-    lines = ["exit  GFLOPs   top-1   top-5"]
-    for k, cost in enumerate(gflops):
-        lines.append(f"{k + 1:>4}  {cost:>6.4g}  {exits['top1'][k]:>6.2f}  {exits['top5'][k]:>6.2f}")
+    """The per-exit results, then one line per budget, columns aligned."""
+    lines = aligned([["exit", "GFLOPs", "top-1", "top-5"]]
+                    + [[str(k + 1), f"{cost:.4g}", f"{exits['top1'][k]:.2f}", f"{exits['top5'][k]:.2f}"]
+                       for k, cost in enumerate(gflops)])
     if curve:
         lines.append("")
-        lines.append("budget  expected  top-1   exit fractions")
-        for row in curve:
-            fractions = " ".join(f"{f:.3f}" for f in row["exit_fractions"])
-            lines.append(f"{row['budget_gflops']:>6.4g}  {row['expected_gflops']:>8.4g}  {row['top1']:>6.2f}   "
-                         f"{fractions}")
+        lines += aligned([["budget", "expected", "top-1", "exit fractions"]]
+                         + [[f"{row['budget_gflops']:.4g}", f"{row['expected_gflops']:.4g}", f"{row['top1']:.2f}",
+                             " ".join(f"{f:.3f}" for f in row["exit_fractions"])] for row in curve])
     return "\n".join(lines)
+
+
+def _cell(values: list, k: int, spec: str) -> str:
+    if k >= len(values):
+        return "-"
+    value = values[k]
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def stored_table(meta: dict, source: str) -> str:
+    """A checkpoint's stored results as aligned tables under a line naming `source` and the model, or "" if it
+    stores none: every exit's GFLOPs and accuracy (training's best.json: validation top-1 / top-5; a converted
+    official checkpoint: its GFLOPs and anytime top-1 next to ours), then the official release's budgeted points."""
+    gflops = meta.get("exit_gflops") or meta.get("analytic_gflops") or []
+    official = meta.get("flops") or []
+    val = meta.get("val") if isinstance(meta.get("val"), dict) else {}
+    top1, top5 = val.get("top1") or meta.get("anytime_classification") or [], val.get("top5") or []
+    columns = [("GFLOPs", gflops, ".4g"), ("official GFLOPs", official, ".4g"), ("top-1", top1, ".2f"),
+               ("top-5", top5, ".2f")]
+    columns = [column for column in columns if column[1]]
+    exits = max((len(values) for _, values, _ in columns), default=0)
+    lines = aligned([["exit"] + [name for name, _, _ in columns]]
+                    + [[str(k + 1)] + [_cell(values, k, spec) for _, values, spec in columns] for k in range(exits)])
+    budgeted = meta.get("budgeted_batch_classification")
+    if isinstance(budgeted, list) and len(budgeted) == 2 and all(isinstance(part, list) for part in budgeted):
+        points = range(min(len(budgeted[0]), len(budgeted[1])))
+        lines += ["", "budgeted batch classification (official):"]
+        lines += aligned([["GFLOPs", "top-1"]] + [[_cell(budgeted[0], i, ".4g"), _cell(budgeted[1], i, ".2f")]
+                                                  for i in points])
+    if not exits and not budgeted:
+        return ""
+    model = meta.get("model") or meta.get("arch") or "a model"
+    epoch = f", epoch {meta['epoch']}" if "epoch" in meta else ""
+    count = f"; accuracy on {val['count']} validation images" if "count" in val else ""
+    return "\n".join([f"{source}: {model}{epoch}{count}", *lines])
 
 
 def write_curve(curve: list[dict], output_dir: str) -> list[str]:

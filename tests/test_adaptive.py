@@ -5,6 +5,7 @@ import json
 import mindspore as ms
 import numpy as np
 import pytest
+from conftest import policies
 
 from src.budget import NEVER, confidences, simulate
 from src.engine.adaptive import AdaptiveCascade, load_threshold_table, micro_batches, thresholds_for
@@ -88,10 +89,14 @@ def test_threshold_table_is_checked_where_it_is_read(tmp_path):
             load_threshold_table(table([good[0], {"budget_gflops": 1.0, "thresholds": values}]), 3)
     cases = {"budget": [{"budget_gflops": "cheap", "thresholds": [0.9, 0.8, 0.0]}],
              "nan": [{"budget_gflops": 1.0, "thresholds": [float("nan"), 0.8, 0.0]}],
-             "keys": [{"thresholds": [0.9, 0.8, 0.0]}], "rows": {"budget_gflops": 1.0}}
+             "keys": [{"thresholds": [0.9, 0.8, 0.0]}], "rows": {"budget_gflops": 1.0},
+             "huge": [{"budget_gflops": 10**400, "thresholds": [0.9, 0.8, 0.0]}],
+             "huge threshold": [{"budget_gflops": 1.0, "thresholds": [10**400, 0.8, 0.0]}]}
     messages = {"budget": "row 1: budget_gflops must be a positive finite number, not 'cheap'",
                 "nan": r"row 1 \(1 GFLOPs\): thresholds must be a list of finite numbers",
-                "keys": "row 1 must hold 'budget_gflops' and 'thresholds'", "rows": "must be a list of rows, not dict"}
+                "keys": "row 1 must hold 'budget_gflops' and 'thresholds'", "rows": "must be a list of rows, not dict",
+                "huge": "row 1: budget_gflops must be a positive finite number, not 1000",
+                "huge threshold": r"row 1 \(1 GFLOPs\): thresholds must be a list of finite numbers"}
     for case, rows in cases.items():
         with pytest.raises(ValueError, match=messages[case]):
             load_threshold_table(table(rows), 3)
@@ -144,6 +149,25 @@ def test_other_sub_batch_modes_equal_the_simulation(cascade, micro_batch):
     np.testing.assert_array_equal(result.exits, exit_at)
     np.testing.assert_array_equal(result.predictions, predictions)
     np.testing.assert_allclose(result.confidences, probs.max(-1)[exit_at, np.arange(len(exit_at))], rtol=1e-5)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 3])
+def test_warm_up_compiles_every_graph_the_stages_meet(micro_batch):
+    """After warm_up, batches of any size under any policy compile nothing more (3: its remainders 1 and 2 are
+    not the binary digits of one remainder)."""
+    ms.set_seed(0)
+    net = create_model("dvt_tiny_deit", drop_path_rate=0.0)
+    net.set_train(False)
+    images = np.random.default_rng(2).normal(size=(2 * max(micro_batch, 4) + 1, 3, 32, 32)).astype(np.float32)
+    chosen = policies(net, images)
+    adaptive = AdaptiveCascade(net, chosen[0], micro_batch=micro_batch)
+    graphs = adaptive.warm_up()
+    assert graphs == (3 * len({3, 2, 1}) if micro_batch else 3) and adaptive.thresholds == chosen[0]
+    for thresholds in chosen:
+        adaptive.set_thresholds(thresholds)
+        for count in range(1, len(images) + 1):
+            adaptive(ms.Tensor(images[:count]))
+    assert sum(len(stage.compile_cache) for stage in net.stages) == graphs
 
 
 def test_a_negative_micro_batch_is_refused(cascade):

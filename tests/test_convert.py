@@ -177,3 +177,16 @@ def test_a_failed_metadata_write_keeps_the_previous_pair(good_conversion, monkey
     assert snapshot(out) == before  # the new checkpoint was written but never renamed over the old one
     for ours, previous in zip(converted_logits(dst, x), logits, strict=True):
         np.testing.assert_array_equal(ours, previous)
+
+
+def test_a_converted_checkpoint_names_its_model_to_a_command_without_a_recipe(good_conversion):
+    from src.config import resolve
+    from src.engine.checkpoint import recipe_from_checkpoint
+    from src.engine.trainer import load_network
+
+    _, dst, x, logits, _ = good_conversion
+    config, _ = resolve([], "t", no_recipe=lambda args: recipe_from_checkpoint(dst, args.model is not None))
+    assert (config["model"], config["num_classes"], config["img_size"]) == ("dvt_tiny_t2t", NUM_CLASSES, 32)
+    net, _ = load_network(config, dst)
+    for got, want in zip(net(ms.Tensor(x)), logits, strict=True):
+        np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-6)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -9,12 +11,22 @@ import numpy as np
 import pytest
 
 from src.budget import confidences, simulate
-from src.report import plot_curve
+from src.report import plot_curve, table
 from tests.faults import limit_file_size
 from tests.test_data import make_folder
 from tests.test_train import QUIET, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_aligned(text: str, first: str, rows: int) -> None:
+    """The table in `text` whose header starts with the word `first` has `rows` rows under the header, and every
+    cell (a run of text two or more spaces from the next) ends where the header's cell ends."""
+    lines = text.splitlines()
+    block = lines[next(i for i, line in enumerate(lines) if line.split()[:1] == [first]):]
+    block = block[:block.index("")] if "" in block else block
+    ends = [[m.end() for m in re.finditer(r"\S+(?: \S+)*", line)] for line in block]
+    assert len(ends) == rows + 1 and all(row == ends[0] for row in ends), text
 
 
 def run_eval(*args, check=True) -> subprocess.CompletedProcess:
@@ -43,7 +55,7 @@ def test_eval_writes_the_curve_and_from_probs_reproduces_it(trained):
     probs = str(tmp / "probs.npz")
     result = run_eval(*model, *QUIET[:2], "--checkpoint_path", ckpt, "--output_dir", out, "--save_probs", probs,
                       "--budgets", "official", "--calib_size", "30")
-    assert "exit  GFLOPs   top-1   top-5" in result.stdout
+    assert_aligned(result.stdout, "exit", 3)
     with open(os.path.join(out, "budget_curve.json")) as handle:
         curve = json.load(handle)
     assert len(curve) == 59
@@ -82,7 +94,51 @@ def test_eval_errors(trained):
     low = run_eval("--from_probs", probs, "--budgets", "0.00001", "--output_dir", str(tmp / "o2"), check=False)
     assert low.returncode == 1 and "below the first exit's cost" in low.stderr
     report = run_eval("--mode", "report", "--checkpoint_path", ckpt)
-    assert '"model": "dvt_tiny_deit"' in report.stdout and '"exit_gflops"' in report.stdout
+    assert report.stdout.startswith(f"{ckpt}: dvt_tiny_deit, epoch ") and "; accuracy on 36 validation" in report.stdout
+    assert_aligned(report.stdout, "exit", 3)
+    with open(ckpt[:-len(".ckpt")] + ".json") as handle:
+        top1 = json.load(handle)["val"]["top1"]
+    assert [line.split()[2] for line in report.stdout.splitlines()[2:5]] == [f"{t:.2f}" for t in top1]
+
+
+def test_without_a_recipe_the_checkpoint_json_names_the_model(trained, tmp_path, capsys):
+    """eval.py and export.py build the model best.json records (no --model, --num_classes, --img_size given);
+    an explicit recipe still wins and its mismatch is named; with neither recipe nor JSON, one line says what
+    to pass."""
+    import eval as eval_py
+    import export
+
+    tmp, model, ckpt = trained
+    data = ["--dataset", "folder", "--data_path", model[model.index("--data_path") + 1]]
+    result = run_eval(*data, "--checkpoint_path", ckpt, "--output_dir", str(tmp_path / "out"),
+                      "--budgets", "0.3x,0.5x,1x", "--calib_size", "12")
+    assert_aligned(result.stdout, "exit", 3)
+    assert_aligned(result.stdout, "budget", 3)
+    with open(tmp_path / "out" / "thresholds.json") as handle:
+        assert json.load(handle)["model"] == "dvt_tiny_deit"
+    assert export.main(["--ckpt_file", ckpt, "--file_name", str(tmp_path / "export" / "tiny")]) == 0
+    with open(tmp_path / "export" / "manifest.json") as handle:
+        manifest = json.load(handle)
+    assert (manifest["model"], manifest["num_classes"], manifest["grids"]) == ("dvt_tiny_deit", 3, [2, 3, 4])
+    assert manifest["preprocess"]["img_size"] == 16
+    capsys.readouterr()
+    assert eval_py.main(["--config_path", "config/demo.yaml", "--checkpoint_path", ckpt]) == 1
+    assert "holds a dvt_tiny_deit model, this run builds dvt_tiny_t2t:" in capsys.readouterr().err
+    bare = str(tmp_path / "bare.ckpt")
+    shutil.copy(ckpt, bare)
+    expected = (f"no --config_path, and no {tmp_path}/bare.json names the model of {bare}: give --config_path "
+                "RECIPE (config/*.yaml) or --model NAME")
+    assert eval_error(capsys, "--checkpoint_path", bare, *data) == expected
+    assert export.main(["--ckpt_file", bare, "--file_name", str(tmp_path / "bare" / "tiny")]) == 1
+    assert capsys.readouterr().err == f"export.py: error: {expected}\n"
+
+
+def test_tables_pad_every_column_to_its_widest_cell():
+    curve = [{"budget_gflops": b, "expected_gflops": e, "top1": t, "exit_fractions": f} for b, e, t, f in
+             [(0.00038, 0.000386, 96.94, [0.986, 0.014, 0.0]), (0.0006333, 0.0005766, 100.0, [0.8, 0.1, 0.1])]]
+    text = table(curve, {"top1": [9.5, 96.94, 100.0], "top5": [99.72, 99.72, 99.16]}, [0.0003646, 0.01, 12.5])
+    assert_aligned(text, "exit", 3)
+    assert_aligned(text, "budget", 2)
 
 
 def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
@@ -102,6 +158,7 @@ def test_adaptive_inference_matches_the_solved_curve(trained):
                       "--budget", repr(row["budget_gflops"]))
     assert f"top-1 {row['top1']:.2f}% on 36 images" in result.stdout
     assert "exit fractions " + " ".join(f"{f:.3f}" for f in row["exit_fractions"]) in result.stdout
+    assert re.search(r"images/s, not counting the [0-9.]+ s of compiling the stages' 15 graphs first", result.stdout)
     missing = run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", str(tmp / "none"), "--adaptive",
                        "--budget", "1", check=False)
     assert missing.returncode == 1 and "thresholds file not found" in missing.stderr
@@ -185,6 +242,27 @@ def test_adaptive_refuses_bad_budgets_and_thresholds_rows(tmp_path, capsys):
         assert eval_error(capsys, *args, "--budget", "1") == (f"{table}: row 1 (0.001 GFLOPs) holds {len(row)} "
                                                               "threshold(s) for 3 exits: give one per exit (the "
                                                               "last exit's is not used)")
+
+
+def test_report_of_a_converted_checkpoint_is_a_table(tmp_path, capsys):
+    import mindspore as ms
+
+    import eval as eval_py
+    from src.models import create_model
+
+    ckpt = str(tmp_path / "dvt_tiny.ckpt")
+    ms.save_checkpoint(create_model("dvt_tiny_t2t"), ckpt)
+    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # the converter's keys, the official release's records
+        json.dump({"arch": "dvt_tiny_t2t", "analytic_gflops": [0.0003646, 0.001903, 0.003167],
+                   "flops": [0.1, 0.3, 0.7], "anytime_classification": [60.0, 65.5, 70.25],
+                   "budgeted_batch_classification": [[0.2, 0.4], [61.0, 66.0]]}, handle)
+    assert eval_py.main(["--mode", "report", "--checkpoint_path", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{ckpt}: dvt_tiny_t2t\nexit")
+    assert_aligned(out, "exit", 3)
+    assert out.splitlines()[2].split() == ["1", "0.0003646", "0.1", "60.00"]
+    assert_aligned(out, "GFLOPs", 2)
+    assert out.rstrip().endswith(f"all of it, as JSON: {tmp_path}/dvt_tiny.json")
 
 
 def test_report_on_a_damaged_checkpoint_names_it(trained, tmp_path, capsys):

@@ -56,7 +56,13 @@ def file_digest(path: str) -> tuple[int, str]:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool, not an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # JSON reads 1e400 as inf, but 1 followed by 400 zeros as an int
+        return False
 
 
 def _require(entry: dict, key: str, kind: type, where: str):

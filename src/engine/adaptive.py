@@ -16,6 +16,7 @@ Thresholds come from eval.py's table by budget and can be switched between batch
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -100,6 +101,26 @@ class AdaptiveCascade:
                                               dtype=ms.float32))
                 stage.set_inputs(*dynamic)
         self.set_thresholds(thresholds if thresholds is not None else [0.0] * len(self.stages))
+
+    def warm_up(self) -> int:
+        """Compile every graph the stages can meet, so that timing afterwards measures the steady state; returns
+        how many graphs the stages hold.
+
+        Zero batches that no sample leaves early run every stage: m + r samples for remainders r whose binary
+        digits together are every power of two below the micro-batch m (m - 1 when m is a power of two), so
+        each stage meets every sub-batch size, through the device gathers; one small batch for dynamic stages."""
+        m = self.micro_batch
+        counts = [m + (m - 1)] + [m + (1 << b) for b in range((m - 1).bit_length()) if not (m - 1) >> b & 1] \
+            if m else [2]
+        spec = self.net.spec
+        thresholds = self.thresholds
+        self.set_thresholds([math.inf] * len(self.stages))
+        try:
+            for count in counts:
+                self(Tensor(np.zeros((count, spec.in_chans, spec.img_size, spec.img_size), np.float32)))
+        finally:
+            self.set_thresholds(thresholds)
+        return sum(len(stage.compile_cache) for stage in self.stages)
 
     def set_thresholds(self, thresholds: list[float]) -> None:
         if len(thresholds) != len(self.stages):

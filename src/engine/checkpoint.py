@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import nn
 
 from ..atomic import write_atomic, write_json
+from ..config import ConfigError
 from ..models.weights import (
     CheckpointMismatch,
     UnreadableCheckpoint,
@@ -43,6 +44,11 @@ SCHEDULE_PARAMETER = "learning_rate"
 ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "mlp_ratio", "grids", "feature_reuse",
                        "relation_reuse", "num_classes", "img_size", "in_chans", "qkv_bias", "token_dim",
                        "t2t_attention", "tokenizers", "reuse_dim", "reuse_hidden")
+
+# Config keys that a checkpoint's JSON records, in its spec or beside it (training's eval preprocessing):
+# a command given no recipe builds and feeds the model the checkpoint holds.
+RECIPE_SPEC_KEYS = ("num_classes", "img_size", "grids", "feature_reuse", "relation_reuse")
+RECIPE_META_KEYS = ("mean", "std", "crop_pct", "interpolation")
 
 log = logging.getLogger("dvt")
 
@@ -70,6 +76,27 @@ def read_meta(ckpt_path: str) -> dict:
     if not isinstance(meta, dict):
         raise UnreadableCheckpoint(f"cannot read {path}: not a JSON object")
     return meta
+
+
+def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
+    """The config keys that the JSON beside a checkpoint records (its model, the spec's classes, image size,
+    grids and reuse switches, the eval preprocessing of training), for a command given no recipe.
+
+    A checkpoint whose JSON names no model is a ConfigError saying what to pass, unless `model_given` (the
+    command line names it); a missing checkpoint gives {}, for the loader to name it."""
+    if not os.path.isfile(ckpt_path):
+        return {}
+    meta = read_meta(ckpt_path)
+    model = meta.get("model") or meta.get("arch")  # training writes model, the converter arch
+    if not model:
+        if model_given:
+            return {}
+        raise ConfigError(f"no --config_path, and no {meta_path(ckpt_path)} names the model of {ckpt_path}: give "
+                          "--config_path RECIPE (config/*.yaml) or --model NAME")
+    spec = meta.get("spec") or {}
+    recipe = {"model": model, **{key: spec[key] for key in RECIPE_SPEC_KEYS if key in spec}}
+    recipe.update({key: meta[key] for key in RECIPE_META_KEYS if key in meta})
+    return recipe
 
 
 def architecture(spec_dict: dict) -> dict:
