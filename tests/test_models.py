@@ -46,8 +46,12 @@ def test_full_size_t2t_vit_12_dvt_forward():
 
 
 def test_exits_and_grids_are_configuration():
-    two_exit = create_model("dvt_t2t_vit_12", grids=(7, 14), embed_dim=32, depth=1, num_heads=2, token_dim=8)
-    assert two_exit.num_exits == 2
+    two_exit = create_model("dvt_t2t_vit_12", grids=(7, 14), embed_dim=32, depth=1, num_heads=2, token_dim=8,
+                            img_size=64, num_classes=7)
+    two_exit.set_train(False)
+    outputs = two_exit(ms.Tensor(images(two_exit.spec)))
+    assert two_exit.num_exits == 2 and [o.shape for o in outputs] == [(2, 7)] * 2
+    assert all(np.isfinite(o.asnumpy()).all() for o in outputs)
     four_exit = create_model("dvt_tiny_deit", grids=(2, 3, 4, 6))
     four_exit.set_train(False)
     outputs = four_exit(ms.Tensor(images(four_exit.spec)))

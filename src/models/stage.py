@@ -24,7 +24,6 @@ class Stage(nn.Cell):
 
     def __init__(self, spec: DVTSpec, index: int, emit_tokens: bool = False, emit_relations: bool = False):
         super().__init__()
-        self.index = index
         self.num_heads = spec.num_heads
         self.num_layers = spec.depth
         self.takes_tokens = spec.uses_feature_reuse(index)

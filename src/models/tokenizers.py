@@ -65,10 +65,9 @@ class TokenPerformer(nn.Cell):
 class TokenAttention(nn.Cell):
     """One-head softmax attention from `dim` to `emb` channels; the skip connection is v."""
 
-    def __init__(self, dim: int, emb: int, num_tokens: int):
+    def __init__(self, dim: int, emb: int):
         super().__init__()
         self.emb = emb
-        self.num_tokens = num_tokens
         self.scale = dim ** -0.5  # the reference scales by the input width, not emb
         self.qkv = dense(dim, 3 * emb, has_bias=False)
         self.proj = dense(emb, emb)
@@ -84,10 +83,10 @@ class TokenAttention(nn.Cell):
 class TokenTransformer(nn.Cell):
     """T2T's 'transformer' token mixer: TokenAttention then an emb -> emb -> emb MLP."""
 
-    def __init__(self, dim: int, emb: int, num_tokens: int, norm_eps: float):
+    def __init__(self, dim: int, emb: int, norm_eps: float):
         super().__init__()
         self.norm1 = layer_norm(dim, norm_eps)
-        self.attn = TokenAttention(dim, emb, num_tokens)
+        self.attn = TokenAttention(dim, emb)
         self.norm2 = layer_norm(emb, norm_eps)
         self.mlp = Mlp(emb, emb, emb)
 
@@ -145,8 +144,8 @@ class T2TTokenizer(nn.Cell):
             self.attention1 = TokenPerformer(dim1, spec.token_dim, spec.norm_eps)
             self.attention2 = TokenPerformer(dim2, spec.token_dim, spec.norm_eps)
         else:
-            self.attention1 = TokenTransformer(dim1, spec.token_dim, self.side1 ** 2, spec.norm_eps)
-            self.attention2 = TokenTransformer(dim2, spec.token_dim, self.side2 ** 2, spec.norm_eps)
+            self.attention1 = TokenTransformer(dim1, spec.token_dim, spec.norm_eps)
+            self.attention2 = TokenTransformer(dim2, spec.token_dim, spec.norm_eps)
         self.project = dense(dim2, spec.embed_dim)
         self.split1 = SoftSplit(spec.in_chans, spec.img_size, tok.kernel, tok.stride, tok.padding)
         self.split2 = SoftSplit(spec.token_dim, self.side1, 3, 2, 1)
