@@ -1,4 +1,4 @@
-"""An independent float64 NumPy forward of a DVT, written from the porting spec, on official key names.
+"""A float64 NumPy forward of the official DVT (blackfeather-wang/Dynamic-Vision-Transformer), on its key names.
 
 It shares nothing with `src/models` but the tokenizer geometry (kernel/stride/padding, which is
 configuration): unfold is explicit slicing, the reuse resampling is a literal nearest x2 followed by

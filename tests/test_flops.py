@@ -5,8 +5,8 @@ import pytest
 from src.flops import exit_gflops
 from src.models import create_model, model_spec
 
-# (model, overrides, published cumulative GFLOPs per exit): paper Tables 1, 4 and 6, and the spec's
-# fvcore runs of the official code for T2T-ViT-14 and DeiT-small DVTs.
+# (model, overrides, published cumulative GFLOPs per exit): paper Tables 1, 4 and 6, and fvcore runs of the
+# official code (blackfeather-wang/Dynamic-Vision-Transformer) for T2T-ViT-14 and DeiT-small DVTs.
 PUBLISHED = [
     ("dvt_t2t_vit_12", {}, [0.47, 1.46, 3.50]),
     ("dvt_t2t_vit_12", {"feature_reuse": False, "relation_reuse": False}, [0.47, 1.37, 3.15]),

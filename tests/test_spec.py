@@ -7,7 +7,8 @@ from numpy_dvt import nearest_then_pool
 from src.models.reuse import resample_1d, token_resample_matrix
 from src.models.spec import DVTSpec, Tokenizer, default_patch_tokenizer, default_t2t_tokenizer, t2t_grid
 
-# Rows of the 1-D resampling matrix as listed in the porting spec (source index: weight).
+# Rows of the 1-D resampling matrix, worked by hand from the official code's reuse (nearest x2 upsampling, then
+# adaptive average pooling; blackfeather-wang/Dynamic-Vision-Transformer): source index: weight.
 SPEC_ROWS = {
     (7, 10): [{0: 1}, {0: 1 / 2, 1: 1 / 2}, {1: 2 / 3, 2: 1 / 3}, {2: 1}, {2: 1 / 2, 3: 1 / 2}, {3: 1 / 2, 4: 1 / 2},
               {4: 1}, {4: 1 / 3, 5: 2 / 3}, {5: 1 / 2, 6: 1 / 2}, {6: 1}],
