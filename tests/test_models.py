@@ -123,3 +123,39 @@ def test_stage_compiles_once_for_a_dynamic_batch():
     full = stage(x, *upstream)[0].asnumpy()
     part = stage(x[:2], *(u[:2] for u in upstream))[0].asnumpy()
     np.testing.assert_allclose(part, full[:2], atol=1e-6)
+
+
+def shrunk(name: str) -> dict:
+    """Overrides that make a registered model small: the tiny ones as registered, the others at SHRINK (a
+    plain backbone with one of its grids)."""
+    if name.startswith("dvt_tiny_"):
+        return {}
+    return dict(SHRINK, grids=SHRINK["grids"] if name.startswith("dvt_") else SHRINK["grids"][-1:])
+
+
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in list_models()]
+                         + [("dvt_tiny_t2t", {"t2t_attention": "transformer"})])
+def test_every_trainable_parameter_gets_a_gradient(name, extra):
+    """timm's backward check: in training mode the summed loss of every exit gives each trainable parameter a
+    finite, non-zero gradient, so a disconnected or accidentally frozen parameter cannot slip in. Drop path is
+    off: a path dropped for the whole batch rightly gets no gradient on that step.
+
+    One set is exactly zero by the official architecture: the feature-reuse MLP of the last stage's last block.
+    Its output is concatenated to the patch tokens only (the cls row is zeros, as in the official Block), and
+    after the last block only the cls token reaches the head. The test pins that set, and nothing else."""
+    from src.engine.train_step import DVTWithLoss
+
+    net = create_model(name, drop_path_rate=0.0, **shrunk(name), **extra)
+    net.set_train(True)
+    spec = net.spec
+    last = spec.num_stages - 1
+    unread = f"stages.{last}.blocks.{spec.depth - 1}.feature_reuse." if spec.uses_feature_reuse(last) else None
+    targets = np.eye(spec.num_classes, dtype=np.float32)[[0, 1, 2, 3]]
+    params = net.trainable_params()
+    _, grads = ms.value_and_grad(DVTWithLoss(net), None, params)(ms.Tensor(images(spec, batch=4)),
+                                                                 ms.Tensor(targets))
+    grads = {p.name: g.asnumpy() for p, g in zip(params, grads, strict=True)}
+    assert len(grads) == len(params) > 0
+    assert not [n for n, g in grads.items() if not np.isfinite(g).all()]
+    zero = sorted(n for n, g in grads.items() if not np.abs(g).max() > 0)
+    assert zero == sorted(n for n in grads if unread and n.startswith(unread))
