@@ -44,8 +44,7 @@ def export_flags() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from src.data.sources import class_names
-    from src.data.transforms import eval_resize
-    from src.deploy.export import check_export_folder, check_file_format, export_cascade
+    from src.deploy.export import check_export_folder, check_file_format, export_cascade, preprocess_fields
     from src.engine.adaptive import load_threshold_table
     from src.engine.checkpoint import recipe_from_checkpoint
     from src.engine.trainer import exit_costs, load_network
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         net, meta = load_network(config, args.ckpt_file)
         thresholds = [{"budget_gflops": budget, "thresholds": values} for budget, values in
                       (load_threshold_table(args.thresholds_file, net.num_exits) if args.thresholds_file else [])]
-        img_size = net.spec.img_size
-        preprocess = {"img_size": img_size, "resize": eval_resize(config, img_size),
-                      "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",
-                      "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
+        preprocess = preprocess_fields(config, net.spec.img_size)
         names = class_names(config["dataset"], config["data_path"])
         if names is not None and len(names) != net.spec.num_classes:
             print(f"note: the training data names {len(names)} classes, the model has {net.spec.num_classes}: "

@@ -73,6 +73,39 @@ def test_thresholds_by_budget():
         thresholds_for(table, 0.5)
 
 
+def test_the_runner_picks_the_thresholds_adaptive_picks(tmp_path):
+    """The runner's threshold lookup is a deliberate copy (runner.py stays one self-contained file) of adaptive's:
+    from the same rows (unsorted, with an int budget, as a thresholds file may hold them), read as eval.py's
+    thresholds.json and as export's manifest, both give identical thresholds for every budget: each solved one,
+    a hair either side of it (within and beyond the 1e-12 slack), between rows and above the largest; below the
+    smallest both refuse."""
+    from src.deploy.runner import thresholds_for_budget
+
+    rows = [{"budget_gflops": 2.5, "thresholds": [0.7, 0.6, 0.0]}, {"budget_gflops": 1, "thresholds": [0.95, 0.9, 0]},
+            {"budget_gflops": 1.75, "thresholds": [0.8, 0.75, 0.0]}]
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"model": "m", "budgets": rows}))
+    table = load_threshold_table(str(path), 3)
+    manifest = {"thresholds": [{"budget_gflops": b, "thresholds": t} for b, t in table]}  # as export.py writes it
+    solved = [1.0, 1.75, 2.5]
+    budgets = [b + d for b in solved for d in (0.0, 5e-13, -5e-13, 1e-9, -1e-9)] + [1.3, 2.0, 3.0, 1e6, 0.5, 1e-6]
+
+    def pick(lookup, budget: float):
+        try:
+            return lookup(budget)
+        except ValueError as err:
+            assert "no thresholds" in str(err)
+            return "refused"
+
+    for budget in budgets:
+        expected = pick(lambda b: thresholds_for(table, b), budget)
+        assert pick(lambda b: thresholds_for_budget(manifest, b), budget) == expected, budget
+        assert pick(lambda b: thresholds_for_budget({"thresholds": rows}, b), budget) == expected, budget
+    assert [b for b in budgets if pick(lambda b: thresholds_for(table, b), b) == "refused"] == [1.0 - 1e-9, 0.5, 1e-6]
+    assert thresholds_for(table, 1.75 - 5e-13) == [0.8, 0.75, 0.0] and thresholds_for(table, 1.3) == [0.95, 0.9, 0.0]
+    assert thresholds_for(table, 2.5 - 1e-9) == [0.8, 0.75, 0.0] and thresholds_for(table, 1e6) == [0.7, 0.6, 0.0]
+
+
 def test_threshold_table_is_checked_where_it_is_read(tmp_path):
     path = str(tmp_path / "thresholds.json")
 

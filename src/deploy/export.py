@@ -25,6 +25,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ..atomic import WriteFailed, replace_folder, write_json
+from ..data.transforms import eval_resize
 from ..models import DVT
 from ..models.layers import set_portable, use_stock_ops
 from .runner import FILE_FORMATS, MANIFEST_FORMAT, file_digest
@@ -130,6 +131,14 @@ def check_file_format(file_format: str, batch: int | None, device_target: str | 
     if file_format == "AIR" and device_target != "Ascend":
         raise ExportError(f"AIR export runs only on Ascend (this is {device_target}): "
                           "use --file_format MINDIR or ONNX here")
+
+
+def preprocess_fields(config: dict, img_size: int) -> dict:
+    """The manifest's `preprocess`: the eval loader's preparation (src/data/transforms.py's EvalTransform) in the
+    fields the runner reads, so an exported model sees its images as evaluation did."""
+    return {"img_size": img_size, "resize": eval_resize(config, img_size),
+            "interpolation": "bilinear" if config["interpolation"] == "bilinear" else "bicubic",  # 'random': bicubic
+            "mean": config["mean"], "std": config["std"], "layout": "NCHW", "pixel_scale": 1 / 255}
 
 
 def export_cascade(net: DVT, file_name: str, *, preprocess: dict, batch: int | None = None,
