@@ -7,7 +7,10 @@
 --mode solve (default) solves thresholds on a calibration subset of the training split (the paper solves
 on training data) for --budgets and scores them on the validation set; --mode stored scores the thresholds
 stored with a converted official checkpoint; --mode report prints the results stored with the checkpoint.
-Outputs go to --output_dir: budget_curve.json / .csv / .png and thresholds.json.
+Outputs (budget_curve.json / .csv / .png, thresholds.json) go to the eval folder: --output_dir when given, else
+eval/ beside the checkpoint (runs/demo/best.ckpt -> runs/demo/eval/), or the folder of --from_probs. --adaptive
+and export.py read thresholds.json from the same place. Results of an earlier solve there are moved to
+<folder>.replaced-<time>/ first, and eval says so: nothing is overwritten.
 Without --config_path, the model (name, classes, image size, grids, eval preprocessing) is the one the
 checkpoint's JSON records (best.json, <ckpt>.json); the data still come from --dataset and --data_path.
 """
@@ -28,6 +31,7 @@ from src.models import CheckpointMismatch
 from src.report import PLOT_HINT, plot_curve, table, write_curve, write_thresholds
 
 PROBS_KEYS = ("val_probs", "val_labels", "calib_probs", "calib_labels", "flops")
+RESULT_FILES = ("budget_curve.json", "budget_curve.csv", "budget_curve.png", "thresholds.json")
 
 
 def eval_flags() -> argparse.ArgumentParser:
@@ -50,8 +54,34 @@ def eval_flags() -> argparse.ArgumentParser:
     flags.add_argument("--micro_batch", type=int, default=16,
                        help="--adaptive: stages run sub-batches in static graphs of this many samples (and the "
                             "remainder's binary digits); 0 = one dynamic-batch graph per stage")
-    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: OUTPUT_DIR/thresholds.json)")
+    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json (default: the eval folder's)")
     return flags
+
+
+def eval_folder(args: argparse.Namespace) -> str:
+    """Where results go and --adaptive finds thresholds.json: --output_dir if given, else the folder of
+    --from_probs, else eval/ beside the checkpoint."""
+    if args.output_dir:
+        return args.output_dir
+    if args.from_probs:
+        return os.path.dirname(os.path.abspath(args.from_probs))
+    if args.checkpoint_path:
+        return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint_path)), "eval")
+    raise ConfigError("give --checkpoint_path (or --from_probs)")
+
+
+def set_aside_results(folder: str) -> str | None:
+    """Move an earlier solve's result files out of `folder` into `<folder>.replaced-<time>/` (what else is
+    there, e.g. probs.npz or a log, stays); returns where they went, or None if there were none."""
+    from src.engine.run_dir import move_aside
+
+    present = os.listdir(folder) if os.path.isdir(folder) else []
+    if not set(present) & set(RESULT_FILES):
+        return None
+    try:
+        return move_aside(folder, keep=tuple(name for name in present if name not in RESULT_FILES))
+    except OSError as err:
+        raise WriteFailed(folder, err) from err
 
 
 def checkpoint_recipe(args: argparse.Namespace) -> dict:
@@ -135,12 +165,12 @@ def run_adaptive(config: dict, args) -> int:
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")
     budget = read_gflops(args.budget, "--budget")
-    table_path = args.thresholds_file or os.path.join(config["output_dir"], "thresholds.json")
+    if not args.checkpoint_path:
+        raise ConfigError("give --checkpoint_path")
+    table_path = args.thresholds_file or os.path.join(eval_folder(args), "thresholds.json")
     if not os.path.isfile(table_path):
         raise FileNotFoundError(f"thresholds file not found: {table_path} (solve it first: eval.py without "
                                 "--adaptive writes it)")
-    if not args.checkpoint_path:
-        raise ConfigError("give --checkpoint_path")
     net, meta = load_network(config, args.checkpoint_path)
     thresholds = thresholds_for(load_threshold_table(table_path, net.num_exits), budget)
     flops = exit_costs(net, meta)
@@ -209,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict, flops: list[float]) -> None:
-    """The probabilities (--save_probs), the table, the curve files, thresholds.json and the plot."""
-    out = config["output_dir"]
+    """The probabilities (--save_probs), the table, the curve files, thresholds.json and the plot, in the eval
+    folder, whose earlier results are set aside first."""
+    out = eval_folder(args)
+    aside = set_aside_results(out)
+    if aside:
+        print(f"note: the earlier results in {out} were moved to {aside}")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:

@@ -1,15 +1,17 @@
 """Export a DVT to MindIR, ONNX or AIR: one graph per stage, a manifest, optionally the whole cascade.
 
-    python export.py --config_path config/demo.yaml --ckpt_file runs/demo/best.ckpt \\
-        --file_name runs/demo/export/dvt_tiny_t2t --thresholds_file runs/demo/eval/thresholds.json
-    python export.py ... --file_format ONNX --batch_size 8
+    python export.py --ckpt_file runs/demo/best.ckpt        # -> runs/demo/export/dvt_tiny_t2t_stage<k>.mindir
+    python export.py --ckpt_file runs/demo/best.ckpt --file_format ONNX --batch_size 8 \\
+        --file_name runs/demo/export_onnx/dvt_tiny_t2t
 
 --file_format MINDIR (default; MindSpore, MindSpore Lite), ONNX (onnxruntime, TensorRT, OpenVINO; needs a fixed
 --batch_size) or AIR (Ascend only). --batch_size 0 (default) exports a dynamic batch dimension, so the stages
 take any sub-batch an early exit leaves; N fixes it (the runner splits and pads any number of images to it).
 Writes <file_name>_stage<k>.<ext>, manifest.json beside them, and with --whole_cascade <file_name>_cascade.<ext>
-(every exit's logits at once, for apps that do not exit early). The export owns the folder of <file_name>: it
-is built beside it and replaces it only when complete. The manifest carries the class names when the training
+(every exit's logits at once, for apps that do not exit early). Defaults follow the run's folder, as eval.py's
+do: --file_name <checkpoint's folder>/export/<model>, --thresholds_file <checkpoint's folder>/eval/thresholds.json
+when eval.py has written it. The export owns the folder of <file_name>: it is built beside it and replaces it
+only when complete. The manifest carries the class names when the training
 data names them (class folders under --data_path, the CIFAR release's names, the demo's digits).
 """
 
@@ -34,11 +36,12 @@ def export_flags() -> argparse.ArgumentParser:
     flags.add_argument("--config_path", help="YAML recipe (config/*.yaml) the model was trained with; default: the "
                                              "model the checkpoint's JSON records")
     flags.add_argument("--ckpt_file", required=True, help="best.ckpt, a training checkpoint or a converted one")
-    flags.add_argument("--file_name", required=True, help="output path prefix, e.g. export/dvt_t2t_vit_12")
+    flags.add_argument("--file_name", help="output path prefix (default: <checkpoint's folder>/export/<model>)")
     flags.add_argument("--file_format", default="MINDIR", choices=("MINDIR", "ONNX", "AIR"))
     flags.add_argument("--batch_size", type=int, default=0, help="0: dynamic batch (default); N: fixed")
     flags.add_argument("--whole_cascade", action="store_true", help="also export all exits as one graph")
-    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json, copied into the manifest")
+    flags.add_argument("--thresholds_file", help="eval.py's thresholds.json, copied into the manifest (default: "
+                                                 "<checkpoint's folder>/eval/thresholds.json if it exists)")
     return flags
 
 
@@ -57,27 +60,36 @@ def main(argv: list[str] | None = None) -> int:
                             no_recipe=lambda cli: recipe_from_checkpoint(args.ckpt_file, cli.model is not None))
         if args.batch_size < 0:
             raise ConfigError(f"--batch_size must be 0 (dynamic) or positive, got {args.batch_size}")
-        if args.thresholds_file and not os.path.isfile(args.thresholds_file):
-            raise FileNotFoundError(f"thresholds file not found: {args.thresholds_file}")
+        run_folder = os.path.dirname(os.path.abspath(args.ckpt_file))
+        file_name = args.file_name or os.path.join(run_folder, "export", config["model"])
+        thresholds_file = args.thresholds_file
+        if thresholds_file is None and os.path.isfile(os.path.join(run_folder, "eval", "thresholds.json")):
+            thresholds_file = os.path.join(run_folder, "eval", "thresholds.json")
+            print(f"thresholds: {thresholds_file}")
+        if thresholds_file and not os.path.isfile(thresholds_file):
+            raise FileNotFoundError(f"thresholds file not found: {thresholds_file}")
         check_file_format(args.file_format, args.batch_size or None, config["device_target"])
-        check_export_folder(os.path.dirname(os.path.abspath(args.file_name)))
+        folder = os.path.dirname(os.path.abspath(file_name))
+        check_export_folder(folder)
+        replacing = os.path.isdir(folder) and bool(os.listdir(folder))
         net, meta = load_network(config, args.ckpt_file)
         thresholds = [{"budget_gflops": budget, "thresholds": values} for budget, values in
-                      (load_threshold_table(args.thresholds_file, net.num_exits) if args.thresholds_file else [])]
+                      (load_threshold_table(thresholds_file, net.num_exits) if thresholds_file else [])]
         preprocess = preprocess_fields(config, net.spec.img_size)
         names = class_names(config["dataset"], config["data_path"])
         if names is not None and len(names) != net.spec.num_classes:
             print(f"note: the training data names {len(names)} classes, the model has {net.spec.num_classes}: "
                   "the manifest gets no class names")
             names = None
-        manifest = export_cascade(net, args.file_name, preprocess=preprocess, batch=args.batch_size or None,
+        manifest = export_cascade(net, file_name, preprocess=preprocess, batch=args.batch_size or None,
                                   file_format=args.file_format, whole_cascade=args.whole_cascade,
                                   thresholds=thresholds, exit_gflops=exit_costs(net, meta),
                                   model_name=config["model"], class_names=names)
     except (ConfigError, CheckpointMismatch, FileNotFoundError, WriteFailed, ValueError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 1
-    folder = os.path.dirname(manifest)
+    if replacing:
+        print(f"note: this export replaced the earlier one in {folder}")
     for name in sorted(os.listdir(folder)):
         if name != os.path.basename(manifest):
             print(f"{os.path.join(folder, name)}  {os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB")

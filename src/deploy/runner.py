@@ -420,7 +420,7 @@ class CascadeRunner:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Classify images with an exported DVT, exiting early.")
-    parser.add_argument("--manifest", required=True, help="manifest.json written by export.py")
+    parser.add_argument("--manifest", required=True, help="manifest.json written by export.py, or its folder")
     parser.add_argument("--budget", required=True, help="GFLOPs per image (picks the thresholds)")
     parser.add_argument("--backend", choices=tuple(STAGE_LOADERS),
                         help="default: onnxruntime for ONNX; for MindIR lite when installed, else mindspore")
@@ -428,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         budget = read_budget(args.budget)
-        runner = CascadeRunner(args.manifest, args.backend)
+        manifest = args.manifest
+        if os.path.isdir(manifest):
+            manifest = os.path.join(manifest, "manifest.json")
+        runner = CascadeRunner(manifest, args.backend)
         print(f"runtime: {runtime_description(runner.backend)}, {runner.manifest['file_format']} files, "
               f"batch {runner.manifest['batch_size'] or 'dynamic'}", flush=True)
         thresholds = thresholds_for_budget(runner.manifest, budget)

@@ -45,10 +45,10 @@ ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "mlp_ratio",
                        "relation_reuse", "num_classes", "img_size", "in_chans", "qkv_bias", "token_dim",
                        "t2t_attention", "tokenizers", "reuse_dim", "reuse_hidden")
 
-# Config keys that a checkpoint's JSON records, in its spec or beside it (training's eval preprocessing):
-# a command given no recipe builds and feeds the model the checkpoint holds.
+# Config keys that a checkpoint's JSON records, in its spec or beside it (training's eval preprocessing and
+# data): a command given no recipe builds, feeds and names the classes of the model the checkpoint holds.
 RECIPE_SPEC_KEYS = ("num_classes", "img_size", "grids", "feature_reuse", "relation_reuse")
-RECIPE_META_KEYS = ("mean", "std", "crop_pct", "interpolation")
+RECIPE_META_KEYS = ("mean", "std", "crop_pct", "interpolation", "dataset", "data_path")
 
 log = logging.getLogger("dvt")
 
@@ -95,7 +95,7 @@ def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
                           "--config_path RECIPE (config/*.yaml) or --model NAME")
     spec = meta.get("spec") or {}
     recipe = {"model": model, **{key: spec[key] for key in RECIPE_SPEC_KEYS if key in spec}}
-    recipe.update({key: meta[key] for key in RECIPE_META_KEYS if key in meta})
+    recipe.update({key: meta[key] for key in RECIPE_META_KEYS if meta.get(key) is not None})
     return recipe
 
 

@@ -369,7 +369,9 @@ def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train
     base_meta = {"model": config["model"], "spec": spec_dict, "num_classes": config["num_classes"],
                  "grids": list(net.spec.grids), "exit_gflops": gflops, "img_size": net.spec.img_size,
                  "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
-                 "interpolation": config["interpolation"], "updates_per_epoch": updates_per_epoch}
+                 "interpolation": config["interpolation"], "updates_per_epoch": updates_per_epoch,
+                 "dataset": config["dataset"],
+                 "data_path": os.path.abspath(config["data_path"]) if config["data_path"] else None}
     log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank and epoch, %d updates/epoch "
              "(%d x %d images per rank each) x %d epochs, %d rank(s)", config["model"], net.num_exits,
              net.spec.grids, gflops[-1], [round(g, 4) for g in gflops], train_loader.num_samples,
