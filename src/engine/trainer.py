@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
@@ -260,19 +262,62 @@ def _restore(config: dict, run_dir: str, train_step: nn.Cell,
     return path, meta, list(skipped)
 
 
+@dataclass
+class RunParts:
+    """What `train` builds and checks before it claims the run directory; a TrainingRun runs it."""
+
+    config: dict
+    rank: int
+    group_size: int
+    run_dir: str
+    net: DVT
+    train_loader: Any
+    val_loader: Any
+    train_step: TrainStep
+    schedule: Any
+    updates_per_epoch: int
+
+
 def train(config: dict) -> dict:
     """Run a whole training; returns the final validation results and where the checkpoints are.
 
     Everything that can be checked is checked before the run directory is touched: a failing config, data or
     model leaves nothing behind. Rank 0 then claims the directory (see run_dir.py) and holds it until the end.
     """
+    parts = _build(config)
+    resuming = bool(config["resume"])
+    is_main = parts.rank == 0
+    # The run directory's own files (msrun's logs/, the launch script's console copy) stay when a run is moved.
+    lock = claim(parts.run_dir, resuming, config["overwrite"], keep=LAUNCH_FILES) if is_main else None
+    try:
+        if is_main:
+            add_log_file(parts.run_dir)
+            if lock.taken_over:
+                log.warning("took over the lock of a run that is gone (%s)", lock.taken_over)
+            if lock.moved_to:
+                log.warning("moved the run that was in %s to %s (--overwrite)", parts.run_dir, lock.moved_to)
+        if config["pretrained"]:
+            log.info("started from %s", config["pretrained"])
+        with StopRequests(parts.group_size) as stops:
+            return TrainingRun(parts, stops).run()
+    except TrainingStopped as stopped:
+        log.warning("%s", stopped)
+        raise
+    except Exception as err:  # the run's log keeps the reason it ended; train.py prints it and exits 1
+        log.error("%s", err)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(config: dict) -> RunParts:
+    """Device, model, data, optimizer and step, every input checked; nothing is written yet."""
     rank, group_size = setup_device(config)
     run_dir = os.path.abspath(config["output_dir"])
     setup_logging(rank)
     ms.set_seed(config["seed"])
-    is_main = rank == 0
-    resuming = bool(config["resume"])
-    check_fresh(run_dir, resuming, config["overwrite"])  # on every rank, so that all of them stop
+    check_fresh(run_dir, bool(config["resume"]), config["overwrite"])  # on every rank, so that all of them stop
 
     # The model first, for img_size; the data then fixes num_classes, which must agree with the config.
     net = build_model(config, config["num_classes"])
@@ -288,8 +333,7 @@ def train(config: dict) -> dict:
         replicate_rank_zero(net, rank)
     apply_amp(net, config["amp_level"])
 
-    accum = config["accum_steps"]
-    updates_per_epoch = train_loader.batches_per_epoch // accum
+    updates_per_epoch = train_loader.batches_per_epoch // config["accum_steps"]
     schedule = cosine_schedule(config["lr"], config["epochs"], updates_per_epoch, config["warmup_epochs"],
                                config["warmup_lr"], config["min_lr"], config["cooldown_epochs"],
                                per_step=config["lr_per_step"])
@@ -302,175 +346,188 @@ def train(config: dict) -> dict:
         apply_amp(shadow, config["amp_level"])
         ema = ModelEMA(net, shadow, config["ema_decay"])
     scale = loss_scale_sense(config["loss_scale_type"], config["loss_scale"], config["loss_scale_window"])
-    train_step = TrainStep(DVTWithLoss(net), optimizer, scale, config["clip_grad"], ema, accum)
-
-    # The run directory's own files (msrun's logs/, the launch script's console copy) stay when a run is moved.
-    lock = claim(run_dir, resuming, config["overwrite"], keep=LAUNCH_FILES) if is_main else None
-    try:
-        if is_main:
-            add_log_file(run_dir)
-            if lock.taken_over:
-                log.warning("took over the lock of a run that is gone (%s)", lock.taken_over)
-            if lock.moved_to:
-                log.warning("moved the run that was in %s to %s (--overwrite)", run_dir, lock.moved_to)
-        if config["pretrained"]:
-            log.info("started from %s", config["pretrained"])
-        with StopRequests(group_size) as stops:
-            return _run(config, rank, group_size, run_dir, net, train_loader, val_loader, train_step, schedule,
-                        updates_per_epoch, stops)
-    except TrainingStopped as stopped:
-        log.warning("%s", stopped)
-        raise
-    except Exception as err:  # the run's log keeps the reason it ended; train.py prints it and exits 1
-        log.error("%s", err)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    train_step = TrainStep(DVTWithLoss(net), optimizer, scale, config["clip_grad"], ema, config["accum_steps"])
+    return RunParts(config, rank, group_size, run_dir, net, train_loader, val_loader, train_step, schedule,
+                    updates_per_epoch)
 
 
-def _run(config: dict, rank: int, group_size: int, run_dir: str, net: DVT, train_loader, val_loader,
-         train_step: TrainStep, schedule, updates_per_epoch: int, stops: StopRequests) -> dict:
-    """Restore, then the epochs: the part of `train` that runs with the run directory claimed."""
-    is_main = rank == 0
-    accum = config["accum_steps"]
-    ema = train_step.ema
-    accumulate = AccumulateGrads(train_step) if accum > 1 else None
-    total_epochs = config["epochs"] + config["cooldown_epochs"]
-    spec_dict = net.spec.to_dict()
-    gflops = exit_gflops(net.spec)
-    best = {"metric": -1.0, "epoch": None}
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl") if is_main else None)
-    readings = DeviceReadings(config, metrics)
-    # Nothing is written into the run before its state is restored: a resume that fails changes nothing.
-    resume, meta, damaged = _restore(config, run_dir, train_step, spec_dict)
-    if resume:
-        saved_updates = meta.get("updates_per_epoch", updates_per_epoch)
-        if saved_updates != updates_per_epoch:
-            raise CheckpointMismatch(
-                f"{resume} was saved by a run of {saved_updates} updates per epoch, this one has {updates_per_epoch} "
-                "(batch_size, accum_steps, the number of devices or max_steps_per_epoch differ); resume with the "
-                "same ones, or start from its weights with --pretrained")
-        best = meta.get("best", best)
-        if meta.get("epoch_state"):
-            readings.restore(meta["epoch_state"])
-        log.info("resumed %s: epoch %d done, step %d", resume, meta["epoch"], meta["step"])
+def checkpoint_meta(config: dict, net: DVT, updates_per_epoch: int) -> dict:
+    """What every checkpoint's JSON of this run records: the model, its spec and costs, eval preprocessing, data."""
+    return {"model": config["model"], "spec": net.spec.to_dict(), "num_classes": config["num_classes"],
+            "grids": list(net.spec.grids), "exit_gflops": exit_gflops(net.spec), "img_size": net.spec.img_size,
+            "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
+            "interpolation": config["interpolation"], "updates_per_epoch": updates_per_epoch,
+            "dataset": config["dataset"],
+            "data_path": os.path.abspath(config["data_path"]) if config["data_path"] else None}
 
-    checkpoints = None
-    if is_main or config["ckpt_all_ranks"]:
-        own_dir = run_dir if is_main else os.path.join(run_dir, f"rank_{rank}")
-        checkpoints = CheckpointManager(own_dir, config["model"], config["keep_checkpoints"])
-    if is_main:
-        metrics.keep_until(meta["step"] if resume else 0)
-        for stale in remove_partials(run_dir):
-            log.info("removed %s, a partial file of an interrupted run", stale)
-        save_config(dict(config, overwrite=False), os.path.join(run_dir, "config.yaml"))
 
-    base_meta = {"model": config["model"], "spec": spec_dict, "num_classes": config["num_classes"],
-                 "grids": list(net.spec.grids), "exit_gflops": gflops, "img_size": net.spec.img_size,
-                 "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
-                 "interpolation": config["interpolation"], "updates_per_epoch": updates_per_epoch,
-                 "dataset": config["dataset"],
-                 "data_path": os.path.abspath(config["data_path"]) if config["data_path"] else None}
-    log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank and epoch, %d updates/epoch "
-             "(%d x %d images per rank each) x %d epochs, %d rank(s)", config["model"], net.num_exits,
-             net.spec.grids, gflops[-1], [round(g, 4) for g in gflops], train_loader.num_samples,
-             updates_per_epoch, accum, config["batch_size"], total_epochs, group_size)
+class TrainingRun:
+    """The part of a training that runs with the run directory claimed: restore, the epochs, the states saved.
 
-    show_bar = is_main and config["progress"] and sys.stderr.isatty()
-    update_images = config["batch_size"] * accum * group_size
-    result, ema_result = None, None
-    last_saved = resume
-    # The schedule index, kept on the host: every update advances it, applied or skipped (see TrainStep).
-    step = int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0])
-    stream = train_loader.batches(start=step * accum)
+    `step` is the schedule index, kept on the host: every update advances it, applied or skipped (TrainStep).
+    """
 
-    saved_step = step if resume else None
+    def __init__(self, parts: RunParts, stops: StopRequests):
+        self.parts, self.stops = parts, stops
+        config, net = parts.config, parts.net
+        self.config = config
+        self.is_main = parts.rank == 0
+        self.accum = config["accum_steps"]
+        self.ema = parts.train_step.ema
+        self.accumulate = AccumulateGrads(parts.train_step) if self.accum > 1 else None
+        self.total_epochs = config["epochs"] + config["cooldown_epochs"]
+        self.best = {"metric": -1.0, "epoch": None}
+        self.metrics = MetricsLog(os.path.join(parts.run_dir, "metrics.jsonl") if self.is_main else None)
+        self.readings = DeviceReadings(config, self.metrics)
+        self.base_meta = checkpoint_meta(config, net, parts.updates_per_epoch)
+        self.update_images = config["batch_size"] * self.accum * parts.group_size
+        self.result, self.ema_result = None, None
+        self.checkpoints = None
+        self.damaged: list[str] = []
+        self.last_saved: str | None = None
+        self.saved_step: int | None = None
+        self.step = 0
 
-    def save_state(epoch: int, mid_epoch: bool) -> str:
-        nonlocal saved_step
-        saved_step = step
-        if is_main:  # by now every rank has restored (updates ran since), so the skipped states can move
-            while damaged:
-                log.warning("kept the damaged %s as %s", damaged[0], checkpoints.set_aside(damaged.pop(0)))
-        return checkpoints.save_train_state(
-            train_step, epoch, dict(base_meta, step=step, val=result, ema_val=ema_result, best=best,
-                                    epoch_state=readings.epoch_state()), mid_epoch)
+    def restore(self) -> None:
+        """Continue from a training state if asked (nothing is written into the run before it is restored: a
+        resume that fails changes nothing), then prepare the run directory."""
+        parts, config = self.parts, self.config
+        resume, meta, self.damaged = _restore(config, parts.run_dir, parts.train_step, self.base_meta["spec"])
+        if resume:
+            saved_updates = meta.get("updates_per_epoch", parts.updates_per_epoch)
+            if saved_updates != parts.updates_per_epoch:
+                raise CheckpointMismatch(
+                    f"{resume} was saved by a run of {saved_updates} updates per epoch, this one has "
+                    f"{parts.updates_per_epoch} (batch_size, accum_steps, the number of devices or "
+                    "max_steps_per_epoch differ); resume with the same ones, or start from its weights with "
+                    "--pretrained")
+            self.best = meta.get("best", self.best)
+            if meta.get("epoch_state"):
+                self.readings.restore(meta["epoch_state"])
+            log.info("resumed %s: epoch %d done, step %d", resume, meta["epoch"], meta["step"])
+        if self.is_main or config["ckpt_all_ranks"]:
+            own_dir = parts.run_dir if self.is_main else os.path.join(parts.run_dir, f"rank_{parts.rank}")
+            self.checkpoints = CheckpointManager(own_dir, config["model"], config["keep_checkpoints"])
+        if self.is_main:
+            self.metrics.keep_until(meta["step"] if resume else 0)
+            for stale in remove_partials(parts.run_dir):
+                log.info("removed %s, a partial file of an interrupted run", stale)
+            save_config(dict(config, overwrite=False), os.path.join(parts.run_dir, "config.yaml"))
+        self.last_saved = resume
+        self.step = int(parts.train_step.optimizer.global_step.asnumpy().reshape(-1)[0])
+        self.saved_step = self.step if resume else None
 
-    def stop(signum: int, epoch: int, mid_epoch: bool) -> TrainingStopped:
+    def run(self) -> dict:
+        """Restore, then every epoch; returns the final results and where the best checkpoint is."""
+        parts, config, net = self.parts, self.config, self.parts.net
+        self.restore()
+        gflops = self.base_meta["exit_gflops"]
+        log.info("%s: %d exits %s, %.4g GFLOPs per exit %s; %d images per rank and epoch, %d updates/epoch "
+                 "(%d x %d images per rank each) x %d epochs, %d rank(s)", config["model"], net.num_exits,
+                 net.spec.grids, gflops[-1], [round(g, 4) for g in gflops], parts.train_loader.num_samples,
+                 parts.updates_per_epoch, self.accum, config["batch_size"], self.total_epochs, parts.group_size)
+        stream = parts.train_loader.batches(start=self.step * self.accum)
+        for epoch in range(self.step // parts.updates_per_epoch, self.total_epochs):
+            first_update, elapsed = self.train_epoch(epoch, stream)
+            self.end_epoch(epoch, first_update, elapsed)
+        skipped = parts.train_loader.skipped
+        if skipped:
+            log.warning("skipped %d corrupt image(s): %s", len(skipped), ", ".join(sorted(skipped)[:20]))
+        best_path = os.path.join(parts.run_dir, "best.ckpt")
+        return {"val": self.result, "ema_val": self.ema_result, "run_dir": parts.run_dir, "best": self.best,
+                "best_checkpoint": best_path if os.path.isfile(best_path) else None, "rank": parts.rank}
+
+    def train_epoch(self, epoch: int, stream) -> tuple[int, float]:
+        """The updates of `epoch` still to do; returns where it started and how long it took."""
+        parts, config = self.parts, self.config
+        parts.train_step.set_train(True)
+        if self.accumulate is not None:
+            self.accumulate.set_train(True)
+        started = time.perf_counter()
+        first_update = self.step - epoch * parts.updates_per_epoch
+        show_bar = self.is_main and config["progress"] and sys.stderr.isatty()
+        bar = tqdm(total=parts.updates_per_epoch, initial=first_update, desc=f"epoch {epoch + 1}/{self.total_epochs}",
+                   disable=not show_bar, dynamic_ncols=True, leave=False)
+        for _ in range(first_update, parts.updates_per_epoch):
+            lr = float(parts.schedule[min(self.step, len(parts.schedule) - 1)])
+            for _ in range(self.accum - 1):
+                self.accumulate(*next(stream))
+            self.readings.add(epoch, self.step + 1, lr, parts.train_step(*next(stream)))
+            self.step += 1
+            bar.update(1)
+            at_log = self.step % config["log_interval"] == 0
+            if at_log:
+                self.readings.read(self.last_saved)
+                rate = self.update_images * (bar.n - first_update) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
+            inside = self.step % parts.updates_per_epoch != 0
+            interval = config["save_interval_steps"]
+            if self.checkpoints and interval and self.step % interval == 0 and inside:
+                self.readings.read(self.last_saved)
+                self.last_saved = self.save_state(epoch, mid_epoch=True)
+            if inside and (signum := self.stops.signum(sync_point=at_log)):
+                bar.close()
+                raise self.stop(signum, epoch, mid_epoch=True)
+        bar.close()
+        self.readings.read(self.last_saved)
+        return first_update, time.perf_counter() - started
+
+    def end_epoch(self, epoch: int, first_update: int, elapsed: float) -> None:
+        """Log the epoch, validate when due (and keep the best), save the training state when due, stop if asked."""
+        parts, config = self.parts, self.config
+        train_loss = self.readings.end_epoch()
+        last = epoch + 1 == self.total_epochs
+        skipped = len(parts.train_loader.skipped)
+        log.info("epoch %d/%d: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s", epoch + 1, self.total_epochs, train_loss,
+                 float(parts.schedule[min(self.step, len(parts.schedule)) - 1]),
+                 self.update_images * (parts.updates_per_epoch - first_update) / elapsed, elapsed,
+                 f", {skipped} corrupt image(s) skipped so far" if skipped else "")
+        record = {"type": "epoch", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
+                  "overflow_steps": self.readings.skipped_total, "seconds": elapsed}
+        if last or (epoch + 1) % config["eval_interval"] == 0:
+            self.validate(epoch, record)
+        if self.checkpoints and (last or (epoch + 1) % config["ckpt_interval"] == 0):
+            self.last_saved = self.save_state(epoch + 1, mid_epoch=False)
+        self.metrics.write(record)
+        if not last and (signum := self.stops.signum(sync_point=True)):
+            raise self.stop(signum, epoch + 1, mid_epoch=False)
+
+    def validate(self, epoch: int, record: dict) -> None:
+        """Every exit's validation accuracy (and the EMA's) into `record`; a new best last exit saves best.ckpt."""
+        parts, net, ema = self.parts, self.parts.net, self.ema
+        self.result = evaluate(net, parts.val_loader.batches(), net.num_exits, parts.group_size)
+        log.info("  val top-1 per exit: %s (%d images)", _format_accuracy(self.result), self.result["count"])
+        record["val"] = self.result
+        if ema is not None:
+            self.ema_result = evaluate(ema.shadow, parts.val_loader.batches(), net.num_exits, parts.group_size)
+            log.info("  EMA val top-1 per exit: %s", _format_accuracy(self.ema_result))
+            record["ema_val"] = self.ema_result
+        chosen = self.ema_result if ema is not None else self.result
+        if self.checkpoints and chosen["top1"][-1] > self.best["metric"]:
+            self.best = {"metric": chosen["top1"][-1], "epoch": epoch + 1}
+            best_meta = dict(self.base_meta, epoch=epoch + 1, step=self.step, val=chosen, ema=ema is not None)
+            path = self.checkpoints.save_best(ema.shadow if ema is not None else net, best_meta)
+            log.info("  best last-exit top-1 %.2f: %s", self.best["metric"], path)
+
+    def save_state(self, epoch: int, mid_epoch: bool) -> str:
+        """A training state at the current step; the damaged states resume skipped are set aside first."""
+        self.saved_step = self.step
+        if self.is_main:  # by now every rank has restored (updates ran since), so the skipped states can move
+            while self.damaged:
+                damaged = self.damaged.pop(0)
+                log.warning("kept the damaged %s as %s", damaged, self.checkpoints.set_aside(damaged))
+        meta = dict(self.base_meta, step=self.step, val=self.result, ema_val=self.ema_result, best=self.best,
+                    epoch_state=self.readings.epoch_state())
+        return self.checkpoints.save_train_state(self.parts.train_step, epoch, meta, mid_epoch)
+
+    def stop(self, signum: int, epoch: int, mid_epoch: bool) -> TrainingStopped:
         """Save where training stopped (unless that state is on disk already), then say how to go on."""
-        nonlocal last_saved
-        readings.read(last_saved)
-        if checkpoints and config["checkpoint_on_stop"] and saved_step != step:
-            last_saved = save_state(epoch, mid_epoch)
-        stops.barrier()
+        self.readings.read(self.last_saved)
+        if self.checkpoints and self.config["checkpoint_on_stop"] and self.saved_step != self.step:
+            self.last_saved = self.save_state(epoch, mid_epoch)
+        self.stops.barrier()
         where = f"in epoch {epoch + 1}" if mid_epoch else f"after epoch {epoch}"
-        state = last_saved if checkpoints else f"rank 0's, in {run_dir}"
-        return TrainingStopped(signum, f"stopped by {signal.Signals(signum).name} {where}, step {step}; last "
+        state = self.last_saved if self.checkpoints else f"rank 0's, in {self.parts.run_dir}"
+        return TrainingStopped(signum, f"stopped by {signal.Signals(signum).name} {where}, step {self.step}; last "
                                        f"training state: {state or 'none'}; to continue, run the same command "
                                        "with --resume auto")
-
-    for epoch in range(step // updates_per_epoch, total_epochs):
-        train_step.set_train(True)
-        if accumulate is not None:
-            accumulate.set_train(True)
-        started = time.perf_counter()
-        first_update = step - epoch * updates_per_epoch
-        bar = tqdm(total=updates_per_epoch, initial=first_update, desc=f"epoch {epoch + 1}/{total_epochs}",
-                   disable=not show_bar, dynamic_ncols=True, leave=False)
-        for _ in range(first_update, updates_per_epoch):
-            lr = float(schedule[min(step, len(schedule) - 1)])
-            for _ in range(accum - 1):
-                accumulate(*next(stream))
-            readings.add(epoch, step + 1, lr, train_step(*next(stream)))
-            step += 1
-            bar.update(1)
-            at_log = step % config["log_interval"] == 0
-            if at_log:
-                readings.read(last_saved)
-                rate = update_images * (bar.n - first_update) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
-            inside = step % updates_per_epoch != 0
-            if checkpoints and config["save_interval_steps"] and step % config["save_interval_steps"] == 0 and inside:
-                readings.read(last_saved)
-                last_saved = save_state(epoch, mid_epoch=True)
-            if inside and (signum := stops.signum(sync_point=at_log)):
-                bar.close()
-                raise stop(signum, epoch, mid_epoch=True)
-        bar.close()
-        readings.read(last_saved)
-        elapsed = time.perf_counter() - started
-        train_loss = readings.end_epoch()
-        last = epoch + 1 == total_epochs
-        skipped = len(train_loader.skipped)
-        log.info("epoch %d/%d: loss %.4f, lr %.3g, %.1f img/s, %.0f s%s", epoch + 1, total_epochs, train_loss,
-                 float(schedule[min(step, len(schedule)) - 1]),
-                 update_images * (updates_per_epoch - first_update) / elapsed, elapsed,
-                 f", {skipped} corrupt image(s) skipped so far" if skipped else "")
-        record = {"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                  "overflow_steps": readings.skipped_total, "seconds": elapsed}
-        if last or (epoch + 1) % config["eval_interval"] == 0:
-            result = evaluate(net, val_loader.batches(), net.num_exits, group_size)
-            log.info("  val top-1 per exit: %s (%d images)", _format_accuracy(result), result["count"])
-            record["val"] = result
-            if ema is not None:
-                ema_result = evaluate(ema.shadow, val_loader.batches(), net.num_exits, group_size)
-                log.info("  EMA val top-1 per exit: %s", _format_accuracy(ema_result))
-                record["ema_val"] = ema_result
-            chosen = ema_result if ema is not None else result
-            if checkpoints and chosen["top1"][-1] > best["metric"]:
-                best = {"metric": chosen["top1"][-1], "epoch": epoch + 1}
-                best_meta = dict(base_meta, epoch=epoch + 1, step=step, val=chosen, ema=ema is not None)
-                path = checkpoints.save_best(ema.shadow if ema is not None else net, best_meta)
-                log.info("  best last-exit top-1 %.2f: %s", best["metric"], path)
-        if checkpoints and (last or (epoch + 1) % config["ckpt_interval"] == 0):
-            last_saved = save_state(epoch + 1, mid_epoch=False)
-        metrics.write(record)
-        if not last and (signum := stops.signum(sync_point=True)):
-            raise stop(signum, epoch + 1, mid_epoch=False)
-    if train_loader.skipped:
-        log.warning("skipped %d corrupt image(s): %s", len(train_loader.skipped),
-                    ", ".join(sorted(train_loader.skipped)[:20]))
-    best_path = os.path.join(run_dir, "best.ckpt")
-    return {"val": result, "ema_val": ema_result, "run_dir": run_dir, "best": best,
-            "best_checkpoint": best_path if os.path.isfile(best_path) else None, "rank": rank}
