@@ -25,8 +25,8 @@ def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dens
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last axis (same `gamma`/`beta`); fp32 inference on CPU runs the fast kernel.
 
-    `portable` normalises with means, a square root and a division (ONNX export: MindSpore writes its LayerNorm
-    with ReduceSumSquare, which MindSpore Lite 2.0 computes wrongly, README "Deploy with MindSpore Lite").
+    `portable` normalises with means, a square root and a division (ONNX export: MindSpore Lite 2.0 computes the
+    graph MindSpore writes for its LayerNorm, with ReduceSumSquare, wrongly; README "Deploy with MindSpore Lite").
     """
 
     def __init__(self, width: int, eps: float):
