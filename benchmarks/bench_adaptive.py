@@ -32,13 +32,18 @@ from src.models import create_model  # noqa: E402
 
 
 def thresholds_for_shares(conf: np.ndarray, shares: list[float]) -> list[float]:
-    """Thresholds that send exactly `shares` of the batch out at exits 1..K-1 (the rest at K)."""
+    """Thresholds that send exactly `shares` of the batch out at exits 1..K-1 (the rest at K), each midway between
+    two confidences, so that another runtime's rounding of the same model cannot move an image across."""
     left = np.ones(conf.shape[1], bool)
     thresholds = []
     for k, share in enumerate(shares[:-1]):
         want = int(round(share * conf.shape[1]))
         candidates = np.sort(conf[k][left])[::-1]
-        threshold = float(candidates[want - 1]) if want > 0 else NEVER
+        if want == 0:
+            threshold = NEVER
+        else:
+            below = candidates[want] if want < len(candidates) else 0.0
+            threshold = float(candidates[want - 1] + below) / 2
         thresholds.append(threshold)
         left &= ~(conf[k] >= threshold)
     return thresholds + [0.0]

@@ -11,9 +11,10 @@ size and sha256, which the runner verifies before it loads anything.
 
 Every graph's inputs are named as in the manifest (image, tokens, relations); its outputs come in the
 manifest's order. ONNX files are written from the `portable` form of the network (src/models/layers.py:
-the soft split as a gather, erf as a rational function, padding by concatenation), because MindSpore's ONNX
-exporter has no Im2Col, Erf or PadV3; MindSpore exports ONNX with static shapes only, so ONNX needs a fixed
-batch. AIR is written only on Ascend (MindSpore's rule).
+the soft split as a gather, erf as a rational function, padding by concatenation, LayerNorm from means),
+because MindSpore's ONNX exporter has no Im2Col, Erf or PadV3 and MindSpore Lite 2.0 runs its LayerNorm wrongly;
+MindSpore exports ONNX with static shapes only, so ONNX needs a fixed batch. AIR is written only on Ascend
+(MindSpore's rule).
 """
 
 from __future__ import annotations

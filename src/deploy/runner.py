@@ -383,6 +383,32 @@ class Decision:
     exits: np.ndarray
 
 
+def exit_early(stages: list[Stage], images: np.ndarray, thresholds: list[float]) -> Decision:
+    """Run stage 1 on every image, let each leave at the first exit whose top probability reaches its threshold,
+    and run each later stage only on the images still there (with their rows of what the stage reuses)."""
+    if len(thresholds) != len(stages):
+        raise ValueError(f"{len(thresholds)} threshold(s) for {len(stages)} exits: give one per exit")
+    batch = len(images)
+    predictions, confidences = np.zeros(batch, np.int64), np.zeros(batch, np.float64)
+    exits = np.zeros(batch, np.int64)
+    remaining, inputs, upstream = np.arange(batch), images, []
+    last = len(stages) - 1
+    for k, stage in enumerate(stages):
+        outputs = stage([inputs, *upstream])
+        logits = outputs[0].astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        confidence = probs.max(1)
+        leave = np.ones(len(remaining), bool) if k == last else confidence >= thresholds[k]
+        chosen = remaining[leave]
+        predictions[chosen], confidences[chosen], exits[chosen] = probs.argmax(1)[leave], confidence[leave], k
+        stay = ~leave
+        if not stay.any():
+            break
+        remaining, inputs, upstream = remaining[stay], inputs[stay], [out[stay] for out in outputs[1:]]
+    return Decision(predictions, confidences, exits)
+
+
 class CascadeRunner:
     """The exported stages with early-exit gating on the host."""
 
@@ -395,27 +421,8 @@ class CascadeRunner:
             self.stages = [fixed_batch(stage, self.manifest["batch_size"]) for stage in self.stages]
 
     def run(self, images: np.ndarray, thresholds: list[float]) -> Decision:
-        if len(thresholds) != len(self.stages):
-            raise ValueError(f"{len(thresholds)} threshold(s) for {len(self.stages)} exits: give one per exit")
-        batch = len(images)
-        predictions, confidences = np.zeros(batch, np.int64), np.zeros(batch, np.float64)
-        exits = np.zeros(batch, np.int64)
-        remaining, inputs, upstream = np.arange(batch), images, []
-        last = len(self.stages) - 1
-        for k, stage in enumerate(self.stages):
-            outputs = stage([inputs, *upstream])
-            logits = outputs[0].astype(np.float64)
-            probs = np.exp(logits - logits.max(1, keepdims=True))
-            probs /= probs.sum(1, keepdims=True)
-            confidence = probs.max(1)
-            leave = np.ones(len(remaining), bool) if k == last else confidence >= thresholds[k]
-            chosen = remaining[leave]
-            predictions[chosen], confidences[chosen], exits[chosen] = probs.argmax(1)[leave], confidence[leave], k
-            stay = ~leave
-            if not stay.any():
-                break
-            remaining, inputs, upstream = remaining[stay], inputs[stay], [out[stay] for out in outputs[1:]]
-        return Decision(predictions, confidences, exits)
+        """Predictions, confidences and exits of `images` (preprocessed) under one threshold per exit."""
+        return exit_early(self.stages, images, thresholds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,14 +24,23 @@ def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dens
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over the last axis (same `gamma`/`beta`); fp32 inference on CPU runs the fast kernel."""
+    """nn.LayerNorm over the last axis (same `gamma`/`beta`); fp32 inference on CPU runs the fast kernel.
+
+    `portable` normalises with means, a square root and a division (ONNX export: MindSpore Lite 2.0 computes the
+    graph MindSpore writes for its LayerNorm, with ReduceSumSquare, wrongly; README "Deploy with MindSpore Lite").
+    """
 
     def __init__(self, width: int, eps: float):
         super().__init__((width,), epsilon=eps)
         self.fast_kernel = cpu_kernels.custom_op("LayerNormLastAxis")
         self.epsilon_tensor = Tensor([eps], ms.float32)
+        self.portable = False
 
     def construct(self, x):
+        if self.portable:
+            centred = x - x.mean(-1, keep_dims=True)
+            variance = (centred * centred).mean(-1, keep_dims=True)
+            return centred / ops.sqrt(variance + self.epsilon) * self.gamma + self.beta
         if self.fast_kernel is None or self.training or x.dtype != ms.float32:
             return super().construct(x)
         return self.fast_kernel(x, self.gamma, self.beta, self.epsilon_tensor)
@@ -85,7 +94,7 @@ def use_stock_ops(net: nn.Cell) -> None:
 
 
 def set_portable(net: nn.Cell, portable: bool) -> None:
-    """Switch every cell of `net` that has a `portable` form (GELU, the soft split, padding) to it or back:
+    """Switch every cell of `net` that has a `portable` form (LayerNorm, GELU, the soft split, padding) to it or back:
     the ops MindSpore's ONNX exporter can write, for ONNX export only (the soft split's gather trains slower)."""
     for _, cell in net.cells_and_names():
         if hasattr(cell, "portable"):

@@ -193,6 +193,10 @@ class PatchEmbed(nn.Cell):
         self.padding = tok.padding
         self.patch = tok.kernel
         self.in_chans = spec.in_chans
+        # pixels beyond the last whole patch are dropped, as the conv does; no slice when there are none
+        # (MindSpore Lite 2.0 hangs on the full-range ONNX Slice)
+        self.span = self.grid * self.patch
+        self.crop = self.span < spec.img_size + 2 * tok.padding
         self.matmul_bt = ops.MatMul(transpose_b=True)
         self.portable = False
 
@@ -204,9 +208,10 @@ class PatchEmbed(nn.Cell):
             image = concat_pad(image, self.padding)
         elif self.padding:
             image = ops.pad(image, (self.padding, self.padding, self.padding, self.padding))
-        span = self.grid * self.patch  # pixels beyond the last whole patch are dropped, as the conv does
+        if self.crop:
+            image = image[:, :, :self.span, :self.span]
         g, k = self.grid, self.patch
-        patches = image[:, :, :span, :span].reshape(-1, self.in_chans, g, k, g, k).transpose(0, 2, 4, 1, 3, 5)
+        patches = image.reshape(-1, self.in_chans, g, k, g, k).transpose(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(-1, self.in_chans * k * k)
         tokens = self.matmul_bt(patches, self.proj.weight.reshape(self.embed_dim, -1)) + self.proj.bias
         return tokens.reshape(-1, self.num_patches, self.embed_dim)
