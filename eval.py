@@ -140,7 +140,7 @@ def compute_probs(config: dict, args) -> dict:
     """Run the cascade over the validation set and a calibration subset of the training split."""
     from src.data.pipeline import create_eval_loader
     from src.engine.evaluate import collect_probs
-    from src.engine.trainer import exit_costs, load_network
+    from src.engine.inference import exit_costs, load_network
 
     if not args.checkpoint_path:
         raise ConfigError("give --checkpoint_path (or --from_probs)")
@@ -160,7 +160,7 @@ def run_adaptive(config: dict, args) -> int:
 
     from src.data.pipeline import create_eval_loader
     from src.engine.adaptive import AdaptiveCascade, load_threshold_table, thresholds_for
-    from src.engine.trainer import exit_costs, load_network
+    from src.engine.inference import exit_costs, load_network
 
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")

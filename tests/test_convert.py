@@ -182,7 +182,7 @@ def test_a_failed_metadata_write_keeps_the_previous_pair(good_conversion, monkey
 def test_a_converted_checkpoint_names_its_model_to_a_command_without_a_recipe(good_conversion):
     from src.config import resolve
     from src.engine.checkpoint import recipe_from_checkpoint
-    from src.engine.trainer import load_network
+    from src.engine.inference import load_network
 
     _, dst, x, logits, _ = good_conversion
     config, _ = resolve([], "t", no_recipe=lambda args: recipe_from_checkpoint(dst, args.model is not None))
