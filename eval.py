@@ -271,7 +271,7 @@ def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict
 def report_stored(checkpoint_path: str | None) -> int:
     """The results stored in a checkpoint's JSON (a converted official one, or ours) as a table, once the
     checkpoint itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
-    from src.engine.checkpoint import meta_path, read_meta
+    from src.metadata import meta_path, read_meta
     from src.models.weights import read_checkpoint
     from src.report import stored_table
 

@@ -249,7 +249,7 @@ def test_report_of_a_converted_checkpoint_is_a_table(tmp_path, capsys):
 
     ckpt = str(tmp_path / "dvt_tiny.ckpt")
     ms.save_checkpoint(create_model("dvt_tiny_t2t"), ckpt)
-    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # the converter's keys, the official release's records
+    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # older converters' keys, the official release's records
         json.dump({"arch": "dvt_tiny_t2t", "analytic_gflops": [0.0003646, 0.001903, 0.003167],
                    "flops": [0.1, 0.3, 0.7], "anytime_classification": [60.0, 65.5, 70.25],
                    "budgeted_batch_classification": [[0.2, 0.4], [61.0, 66.0]]}, handle)

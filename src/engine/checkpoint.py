@@ -24,6 +24,7 @@ from mindspore import nn
 
 from ..atomic import write_atomic, write_json
 from ..config import ConfigError
+from ..metadata import meta_path, read_meta
 from ..models.weights import (
     CheckpointMismatch,
     UnreadableCheckpoint,
@@ -53,29 +54,10 @@ RECIPE_META_KEYS = ("mean", "std", "crop_pct", "interpolation", "dataset", "data
 log = logging.getLogger("dvt")
 
 
-def meta_path(ckpt_path: str) -> str:
-    return os.path.splitext(ckpt_path)[0] + ".json"
-
-
 def save_checkpoint(save_obj, path: str, meta: dict) -> None:
     """Write a checkpoint and its JSON, each all-or-nothing, JSON last."""
     write_atomic(path, lambda tmp: ms.save_checkpoint(save_obj, tmp))
     write_json(meta_path(path), meta)
-
-
-def read_meta(ckpt_path: str) -> dict:
-    """The JSON beside a checkpoint ({} when there is none)."""
-    path = meta_path(ckpt_path)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UnreadableCheckpoint(f"cannot read {path}: {err}") from err
-    if not isinstance(meta, dict):
-        raise UnreadableCheckpoint(f"cannot read {path}: not a JSON object")
-    return meta
 
 
 def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
@@ -87,7 +69,7 @@ def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
     if not os.path.isfile(ckpt_path):
         return {}
     meta = read_meta(ckpt_path)
-    model = meta.get("model") or meta.get("arch")  # training writes model, the converter arch
+    model = meta.get("model")
     if not model:
         if model_given:
             return {}

@@ -44,4 +44,4 @@ def load_network(config: dict, checkpoint_path: str) -> tuple[DVT, dict]:
 
 def exit_costs(net: DVT, meta: dict) -> list[float]:
     """Cumulative GFLOPs of every exit: the checkpoint's record when it has one, else counted."""
-    return [float(f) for f in (meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec))]
+    return [float(f) for f in (meta.get("exit_gflops") or exit_gflops(net.spec))]
