@@ -28,7 +28,7 @@ from ..metadata import meta_path, read_meta
 from ..models.weights import (
     CheckpointMismatch,
     UnreadableCheckpoint,
-    compare_parameters,
+    load_checked,
     parameter_shapes,
     read_checkpoint,
 )
@@ -111,9 +111,7 @@ def model_weights(params: dict, net: nn.Cell, prefer_ema: bool) -> dict:
 
 def load_model_weights(net: nn.Cell, path: str, prefer_ema: bool = True) -> dict:
     """Load a model-only or training checkpoint into `net`, strictly; returns the JSON metadata."""
-    params = model_weights(read_checkpoint(path), net, prefer_ema)
-    compare_parameters(parameter_shapes(net), {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(net, params, strict_load=True)
+    load_checked(net, model_weights(read_checkpoint(path), net, prefer_ema), path)
     return read_meta(path)
 
 
@@ -132,9 +130,7 @@ def load_pretrained(net: nn.Cell, path: str) -> list[str]:
     if dropped:
         log.warning("pretrained %s: dropped %d head parameter(s) of another size (%s); they start from scratch",
                     path, len(dropped), ", ".join(dropped))
-    kept = {name: shape for name, shape in shapes.items() if name not in dropped}
-    compare_parameters(kept, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(net, params, strict_load=False)
+    load_checked(net, params, path, expected={name: shape for name, shape in shapes.items() if name not in dropped})
     return dropped
 
 
@@ -163,8 +159,7 @@ def load_train_state(train_step: nn.Cell, path: str, spec_dict: dict, model_name
     params.pop(SCHEDULE_PARAMETER, None)
     expected = {name: shape for name, shape in parameter_shapes(train_step).items()
                 if name != SCHEDULE_PARAMETER and not name.startswith(ACCUMULATOR_PREFIX)}
-    compare_parameters(expected, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(train_step, params, strict_load=False)
+    load_checked(train_step, params, path, expected)
     return meta
 
 
