@@ -140,7 +140,7 @@ def compute_probs(config: dict, args) -> dict:
     """Run the cascade over the validation set and a calibration subset of the training split."""
     from src.data.pipeline import create_eval_loader
     from src.engine.evaluate import collect_probs
-    from src.engine.trainer import exit_costs, load_network
+    from src.engine.inference import exit_costs, load_network
 
     if not args.checkpoint_path:
         raise ConfigError("give --checkpoint_path (or --from_probs)")
@@ -160,7 +160,7 @@ def run_adaptive(config: dict, args) -> int:
 
     from src.data.pipeline import create_eval_loader
     from src.engine.adaptive import AdaptiveCascade, load_threshold_table, thresholds_for
-    from src.engine.trainer import exit_costs, load_network
+    from src.engine.inference import exit_costs, load_network
 
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")
@@ -271,7 +271,7 @@ def write_results(config: dict, args, data: dict, curve: list[dict], exits: dict
 def report_stored(checkpoint_path: str | None) -> int:
     """The results stored in a checkpoint's JSON (a converted official one, or ours) as a table, once the
     checkpoint itself reads whole: a truncated or corrupt file (or JSON) is an error naming it."""
-    from src.engine.checkpoint import meta_path, read_meta
+    from src.metadata import meta_path, read_meta
     from src.models.weights import read_checkpoint
     from src.report import stored_table
 

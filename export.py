@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.deploy.export import check_export_folder, check_file_format, export_cascade, preprocess_fields
     from src.engine.adaptive import load_threshold_table
     from src.engine.checkpoint import recipe_from_checkpoint
-    from src.engine.trainer import exit_costs, load_network
+    from src.engine.inference import exit_costs, load_network
 
     try:
         # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.

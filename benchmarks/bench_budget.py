@@ -2,7 +2,7 @@
 
 usage: python benchmarks/bench_budget.py [--samples 50000] [--exits 3] [--budgets official|0.3x,...]
 
-Synthetic calibration data (src.budget.synthetic_probs); every solver sees the same data and budgets.
+Synthetic calibration data (tests/helpers.py's synthetic_probs); every solver sees the same data and budgets.
 Prints per-solver wall time for the whole budget list and, per budget, each solver's top-1 and the GA's
 gap to the exhaustive optimum.
 """
@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from src.budget import METHODS, confidences, resolve_budgets, simulate, solve, synthetic_probs  # noqa: E402
+from src.budget import METHODS, confidences, resolve_budgets, simulate, solve  # noqa: E402
+from tests.helpers import synthetic_probs  # noqa: E402
 
 
 def main(argv=None) -> int:

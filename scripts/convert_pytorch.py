@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.convert import ConversionError, convert_checkpoint, metadata_path  # noqa: E402
+from src.convert import ConversionError, convert_checkpoint  # noqa: E402
+from src.metadata import meta_path  # noqa: E402
 from src.models import list_models  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     except (ConversionError, OSError, ImportError) as err:  # OSError: src.atomic.WriteFailed, an unwritable folder
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst} ({info['arch']}, {info['num_classes']} classes) and {metadata_path(args.dst)}")
+    print(f"wrote {args.dst} ({info['model']}, {info['num_classes']} classes) and {meta_path(args.dst)}")
     return 0
 
 

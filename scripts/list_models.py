@@ -18,6 +18,7 @@ os.environ.setdefault("GLOG_v", "3")  # read by MindSpore when it is imported
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
 
+from src.engine.evaluate import softmax  # noqa: E402
 from src.flops import exit_gflops  # noqa: E402
 from src.models import create_model, list_models, model_spec  # noqa: E402
 from src.models.weights import spec_parameter_shapes  # noqa: E402
@@ -62,8 +63,7 @@ def main(argv=None) -> int:
         print(f"\n{args.run}: compiled and ran in {compiled:.1f} s; "
               f"a second batch of {args.batch} took {ran * 1e3:.0f} ms")
         for k, logits in enumerate(outputs):
-            probs = np.exp(logits.asnumpy() - logits.asnumpy().max(1, keepdims=True))
-            probs /= probs.sum(1, keepdims=True)
+            probs = softmax(logits.asnumpy())
             print(f"  exit {k + 1} ({spec.grids[k]}x{spec.grids[k]} tokens): logits {tuple(logits.shape)}, "
                   f"mean max-softmax {probs.max(1).mean():.3f} (untrained weights)")
     return 0

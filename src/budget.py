@@ -24,21 +24,6 @@ OFFICIAL_BUDGETS = 59  # p = 1..59, q = p / 20
 GRID_CELLS = 2 ** 21  # histogram cells at most: 1449 levels per exit for 3 exits, 128 for 4
 
 
-def synthetic_probs(num: int, exits: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic (exits, num, classes) softmax outputs and labels for tests and benchmarks: later exits are
-    more accurate, and every exit is more confident on the same easy samples, as in a real cascade."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, num)
-    ease = rng.normal(0, 1, num)
-    probs = []
-    for k in range(exits):
-        logits = rng.normal(0, 1, (num, classes))
-        logits[np.arange(num), labels] += 1.0 + 0.8 * k + 1.2 * ease
-        shifted = np.exp(logits - logits.max(1, keepdims=True))
-        probs.append(shifted / shifted.sum(1, keepdims=True))
-    return np.stack(probs).astype(np.float32), labels
-
-
 class BudgetError(ValueError):
     """A budget no policy can meet, or inputs that do not fit together."""
 

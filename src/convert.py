@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from .atomic import write_atomic, write_json
+from .metadata import meta_path, model_meta
 from .models.registry import model_spec
 from .models.weights import compare_parameters
 
@@ -126,7 +127,6 @@ def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
     """
     import mindspore as ms
 
-    from .flops import exit_gflops
     from .models.weights import spec_parameter_shapes
 
     state, meta = read_torch_checkpoint(src)
@@ -135,25 +135,13 @@ def convert_checkpoint(src: str, arch: str, dst: str) -> dict:
     params = official_to_mindspore(state, spec_parameter_shapes(spec), source=src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     records = [{"name": name, "data": ms.Tensor(value)} for name, value in params.items()]
-    info = {
-        "arch": arch,
-        "num_classes": num_classes,
-        "spec": spec.to_dict(),
-        "analytic_gflops": exit_gflops(spec),
-        "source": os.path.abspath(src),
-        **meta,
-    }
+    info = {**model_meta(arch, spec), "source": os.path.abspath(src), **meta}
 
     def write(tmp: str) -> None:
         ms.save_checkpoint(records, tmp, format="ckpt")
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())  # the checkpoint is on disk before its JSON replaces the old one
-        write_json(metadata_path(dst), info)  # a failure here keeps the old pair: the checkpoint is not renamed
+        write_json(meta_path(dst), info)  # a failure here keeps the old pair: the checkpoint is not renamed
 
     write_atomic(dst, write)
     return info
-
-
-def metadata_path(ckpt_path: str) -> str:
-    root, ext = os.path.splitext(ckpt_path)
-    return (root if ext == ".ckpt" else ckpt_path) + ".json"

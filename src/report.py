@@ -43,7 +43,7 @@ def stored_table(meta: dict, source: str) -> str:
     """A checkpoint's stored results as aligned tables under a line naming `source` and the model, or "" if it
     stores none: every exit's GFLOPs and accuracy (training's best.json: validation top-1 / top-5; a converted
     official checkpoint: its GFLOPs and anytime top-1 next to ours), then the official release's budgeted points."""
-    gflops = meta.get("exit_gflops") or meta.get("analytic_gflops") or []
+    gflops = meta.get("exit_gflops") or []
     official = meta.get("flops") or []
     val = meta.get("val") if isinstance(meta.get("val"), dict) else {}
     top1, top5 = val.get("top1") or meta.get("anytime_classification") or [], val.get("top5") or []
@@ -61,7 +61,7 @@ def stored_table(meta: dict, source: str) -> str:
                                                   for i in points])
     if not exits and not budgeted:
         return ""
-    model = meta.get("model") or meta.get("arch") or "a model"
+    model = meta.get("model") or "a model"
     epoch = f", epoch {meta['epoch']}" if "epoch" in meta else ""
     count = f"; accuracy on {val['count']} validation images" if "count" in val else ""
     return "\n".join([f"{source}: {model}{epoch}{count}", *lines])

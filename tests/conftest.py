@@ -31,10 +31,11 @@ def images(spec, batch: int = 2, seed: int = 0) -> np.ndarray:
 def policies(net, images: np.ndarray) -> list[list[float]]:
     """Thresholds that send about half the images on at each exit (midway between two confidences, so that
     rounding cannot flip a decision), none, and all."""
+    from src.engine.evaluate import softmax
+
     splits = []
     for logits in net(ms.Tensor(images))[:2]:
-        x = logits.asnumpy().astype(np.float64)
-        confidences = np.sort(1.0 / np.exp(x - x.max(1, keepdims=True)).sum(1))  # top softmax probability
+        confidences = np.sort(softmax(logits.asnumpy()).max(1))
         middle = (len(confidences) - 1) // 2
         upper = confidences[middle + 1] if len(confidences) > 1 else confidences[0] + 0.02
         splits.append(float(confidences[middle] + upper) / 2)

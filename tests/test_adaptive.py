@@ -9,12 +9,8 @@ from conftest import policies
 
 from src.budget import NEVER, confidences, simulate
 from src.engine.adaptive import AdaptiveCascade, load_threshold_table, micro_batches, thresholds_for
+from src.engine.evaluate import softmax
 from src.models import create_model
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
 
 
 @pytest.fixture(scope="module", params=["dvt_tiny_t2t", "dvt_tiny_deit"])
@@ -23,7 +19,7 @@ def cascade(request):
     net = create_model(request.param, drop_path_rate=0.0)
     net.set_train(False)
     images = np.random.default_rng(1).normal(size=(48, 3, 32, 32)).astype(np.float32)
-    probs = np.stack([softmax(o.asnumpy().astype(np.float64)) for o in net(ms.Tensor(images))])
+    probs = np.stack([softmax(o.asnumpy()) for o in net(ms.Tensor(images))])
     return AdaptiveCascade(net), images, probs
 
 

@@ -14,8 +14,8 @@ from src.budget import (
     resolve_budgets,
     simulate,
     solve,
-    synthetic_probs,
 )
+from tests.helpers import synthetic_probs
 
 
 def synthetic(num: int, exits: int, seed: int = 0):

@@ -13,6 +13,7 @@ from conftest import ROOT, images
 from numpy_dvt import dvt_forward, official_state_dict
 
 from src.convert import ConversionError, official_to_mindspore
+from src.flops import exit_gflops
 from src.models import CheckpointMismatch, create_model, model_spec
 from src.models.weights import parameter_shapes
 from tests.faults import limit_file_size
@@ -61,7 +62,8 @@ def test_round_trip_loads_strictly_and_reproduces_the_oracle(release):
     for ours, ref in zip(net(ms.Tensor(x)), dvt_forward(spec, state, x.astype(np.float64)), strict=True):
         assert np.abs(ours.asnumpy() - ref).max() <= 1e-5
     meta = json.load(open(str(folder / "out" / "dvt_tiny.json")))
-    assert meta["arch"] == "dvt_tiny_t2t" and meta["num_classes"] == NUM_CLASSES
+    assert meta["model"] == "dvt_tiny_t2t" and meta["num_classes"] == NUM_CLASSES and "arch" not in meta
+    assert meta["exit_gflops"] == exit_gflops(spec) and "analytic_gflops" not in meta  # training's names
     assert meta["flops"] == [0.1, 0.3, 0.7] and meta["anytime_classification"] == [60.0, 65.5, 70.25]
     np.testing.assert_allclose(meta["dynamic_threshold"], [[0.9, 0.8, -1e8], [1e8, 0.7, -1e8]], rtol=1e-6)
     assert meta["budgeted_batch_classification"] == [[0.2, 0.4], [61.0, 66.0]]
@@ -171,7 +173,7 @@ def test_a_failed_metadata_write_keeps_the_previous_pair(good_conversion, monkey
         converter.write_atomic(path, half)
 
     monkeypatch.setattr(converter, "write_json", disk_fills)
-    json_path = converter.metadata_path(dst)
+    json_path = converter.meta_path(dst)
     with pytest.raises(WriteFailed, match=rf"^cannot write {json_path}: \[Errno 28\] No space left on device$"):
         converter.convert_checkpoint(other, "dvt_tiny_t2t", dst)
     assert snapshot(out) == before  # the new checkpoint was written but never renamed over the old one
@@ -182,7 +184,7 @@ def test_a_failed_metadata_write_keeps_the_previous_pair(good_conversion, monkey
 def test_a_converted_checkpoint_names_its_model_to_a_command_without_a_recipe(good_conversion):
     from src.config import resolve
     from src.engine.checkpoint import recipe_from_checkpoint
-    from src.engine.trainer import load_network
+    from src.engine.inference import load_network
 
     _, dst, x, logits, _ = good_conversion
     config, _ = resolve([], "t", no_recipe=lambda args: recipe_from_checkpoint(dst, args.model is not None))
@@ -190,3 +192,22 @@ def test_a_converted_checkpoint_names_its_model_to_a_command_without_a_recipe(go
     net, _ = load_network(config, dst)
     for got, want in zip(net(ms.Tensor(x)), logits, strict=True):
         np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-6)
+
+
+def test_a_converted_checkpoint_of_another_model_is_refused_naming_its_model(good_conversion, tmp_path):
+    """The mismatch names the converted model, from today's JSON and from one with an older converter's names."""
+    from src.engine.checkpoint import check_architecture
+    from src.metadata import meta_path, read_meta
+
+    _, dst, *_ = good_conversion
+    wanted = model_spec("dvt_tiny_deit", num_classes=NUM_CLASSES).to_dict()
+    with pytest.raises(CheckpointMismatch, match=rf"^{dst} holds a dvt_tiny_t2t model, this run builds dvt_tiny_deit"):
+        check_architecture(read_meta(dst), wanted, "dvt_tiny_deit", dst)
+    meta = json.load(open(meta_path(dst)))
+    old = str(tmp_path / "old.ckpt")
+    with open(meta_path(old), "w") as handle:
+        json.dump({"arch": meta["model"], "analytic_gflops": meta["exit_gflops"],
+                   **{k: v for k, v in meta.items() if k not in ("model", "exit_gflops")}}, handle)
+    assert read_meta(old) == meta
+    with pytest.raises(CheckpointMismatch, match=rf"^{old} holds a dvt_tiny_t2t model"):
+        check_architecture(read_meta(old), wanted, "dvt_tiny_deit", old)

@@ -10,6 +10,7 @@ from src.config import OPTIONS
 from src.data.pipeline import create_eval_loader, create_train_loader
 from src.data.sources import DataError, demo_digits, list_images, load_rgb
 from src.data.transforms import ResizeCenterCrop
+from tests.helpers import make_folder, truncate, write_cifar10
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -20,30 +21,6 @@ def base_config(**overrides) -> dict:
     config.update(num_parallel_workers=1, auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0, cooldown_epochs=0)
     config.update(overrides)
     return config
-
-
-def make_folder(root, classes=("cat", "dog", "owl"), per_class=4, size=(40, 30), modes=("RGB", "L", "P", "RGBA"),
-                noise: bool = True) -> str:
-    """train/ and val/ with images in several modes and formats, as ImageNet folders mix them."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for label, name in enumerate(classes):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256 if noise else 1, (size[1], size[0], 3), dtype=np.uint8)
-                pixels[..., label % 3] = 255  # a class colour: learnable
-                image = Image.fromarray(pixels).convert(modes[i % len(modes)])
-                ext = "jpg" if image.mode in ("RGB", "L") and noise else "png"
-                image.save(os.path.join(folder, f"{i}.{ext}"))
-    return str(root)
-
-
-def truncate(path: str) -> None:
-    with open(path, "rb") as handle:
-        data = handle.read()
-    with open(path, "wb") as handle:
-        handle.write(data[: len(data) // 3])
 
 
 def test_folder_listing_and_labels(tmp_path):
@@ -308,20 +285,6 @@ def test_demo_digits_split():
     assert overlap <= 2  # the digits set itself holds a few exact duplicates
     again, _ = demo_digits("val")
     np.testing.assert_array_equal(again, val_images)
-
-
-def write_cifar10(root, per_file: int = 6) -> np.ndarray:
-    """The CIFAR-10 binary layout: records of 1 label byte then 3072 pixel bytes (R, G, B planes)."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(1)
-    labels = []
-    for name in ("data_batch_1.bin", "test_batch.bin"):
-        records = np.zeros((per_file, 3073), np.uint8)
-        records[:, 0] = np.arange(per_file) % 10
-        records[:, 1:] = rng.integers(0, 256, (per_file, 3072))
-        records.tofile(os.path.join(root, name))
-        labels.append(records[:, 0].copy())
-    return labels[1]
 
 
 def test_cifar10_binary(tmp_path):

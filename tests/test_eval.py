@@ -13,8 +13,7 @@ import pytest
 from src.budget import confidences, simulate
 from src.report import plot_curve, table
 from tests.faults import limit_file_size
-from tests.test_data import make_folder
-from tests.test_train import QUIET, run_train
+from tests.helpers import QUIET, make_folder, run_train, synthetic_probs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,8 +165,6 @@ def test_adaptive_inference_matches_the_solved_curve(trained):
 
 def probs_file(path: str, **change) -> str:
     """An --save_probs file of synthetic 3-exit probabilities, with `change` applied to its arrays."""
-    from src.budget import synthetic_probs
-
     val_probs, val_labels = synthetic_probs(60, 3, classes=4, seed=1)
     calib_probs, calib_labels = synthetic_probs(80, 3, classes=4, seed=2)
     arrays = {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
@@ -252,7 +249,7 @@ def test_report_of_a_converted_checkpoint_is_a_table(tmp_path, capsys):
 
     ckpt = str(tmp_path / "dvt_tiny.ckpt")
     ms.save_checkpoint(create_model("dvt_tiny_t2t"), ckpt)
-    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # the converter's keys, the official release's records
+    with open(tmp_path / "dvt_tiny.json", "w") as handle:  # older converters' keys, the official release's records
         json.dump({"arch": "dvt_tiny_t2t", "analytic_gflops": [0.0003646, 0.001903, 0.003167],
                    "flops": [0.1, 0.3, 0.7], "anytime_classification": [60.0, 65.5, 70.25],
                    "budgeted_batch_classification": [[0.2, 0.4], [61.0, 66.0]]}, handle)

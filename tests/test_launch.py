@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scripts.launch_plan import PlanError, RankTable, load_rank_table, select_server
-from tests.test_data import make_folder
+from tests.helpers import make_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable

@@ -19,8 +19,17 @@ import mindspore as ms
 import pytest
 
 from tests.faults import limit_file_size
-from tests.test_run_dir import dead_pid, plant_lock
-from tests.test_train import PYTHON, QUIET, ROOT, assert_same_weights, by_step, final_weights, run_train
+from tests.helpers import (
+    PYTHON,
+    QUIET,
+    ROOT,
+    assert_same_weights,
+    by_step,
+    dead_pid,
+    final_weights,
+    plant_lock,
+    run_train,
+)
 
 COMMON = ["--config_path", "config/demo.yaml", "--model", "dvt_tiny_deit", "--batch_size", "16", "--epochs", "2",
           "--warmup_epochs", "1", "--max_steps_per_epoch", "12", "--log_interval", "1", "--keep_checkpoints", "3"]

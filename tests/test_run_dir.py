@@ -9,19 +9,7 @@ import sys
 import pytest
 
 from src.engine.run_dir import LOCK_NAME, RunDirectoryInUse, RunLock, check_fresh, claim
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def plant_lock(run_dir, **owner) -> str:
-    path = os.path.join(run_dir, LOCK_NAME)
-    with open(path, "w") as handle:
-        json.dump({"host": socket.gethostname(), "since": "2026-01-01T00:00:00", **owner}, handle)
-    return path
+from tests.helpers import dead_pid, plant_lock
 
 
 def test_a_live_lock_is_refused_naming_its_owner(tmp_path):

@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import mindspore as ms
@@ -16,28 +15,19 @@ import pytest
 
 from src.engine.checkpoint import load_model_weights
 from src.models import create_model
-from tests.test_data import make_folder, truncate, write_cifar10
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-# A tiny deterministic recipe: no augmentation, no mixing, no stochastic depth.
-QUIET = ["--progress", "false", "--num_parallel_workers", "1", "--auto_augment", "null", "--re_prob", "0",
-         "--mixup", "0", "--cutmix", "0", "--drop_path_rate", "0", "--device_target", "CPU", "--cooldown_epochs", "0",
-         "--warmup_epochs", "0"]
-
-
-def run_train(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run([PYTHON, "train.py", *QUIET, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
-def records(run_dir: str, kind: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
-        return [r for r in map(json.loads, handle) if r["type"] == kind]
+from tests.helpers import (
+    PYTHON,
+    QUIET,
+    ROOT,
+    assert_same_weights,
+    by_step,
+    final_weights,
+    make_folder,
+    records,
+    run_train,
+    truncate,
+    write_cifar10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +72,6 @@ def test_cifar_binary_training(tmp_path):
                        "--output_dir", run_dir)
     assert "validation top-1 per exit" in result.stdout
     assert records(run_dir, "epoch")[0]["val"]["count"] == 16
-
-
-def by_step(run_dir: str, key: str) -> dict[int, float]:
-    steps = records(run_dir, "step")
-    assert len({r["step"] for r in steps}) == len(steps), "a step recorded twice"
-    return {r["step"]: r[key] for r in steps}
-
-
-def final_weights(path: str) -> dict[str, np.ndarray]:
-    return {name: value.asnumpy() for name, value in ms.load_checkpoint(path).items()
-            if name.startswith(("stages.", "ema.", "adam_")) or name in ("global_step", "scale_sense")}
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys() and any(n.startswith("adam_v.") for n in a)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=name)
 
 
 def kill_when(proc: subprocess.Popen, run_dir: str, pattern: str, timeout: float = 300) -> str:

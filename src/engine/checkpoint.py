@@ -24,10 +24,11 @@ from mindspore import nn
 
 from ..atomic import write_atomic, write_json
 from ..config import ConfigError
+from ..metadata import meta_path, read_meta
 from ..models.weights import (
     CheckpointMismatch,
     UnreadableCheckpoint,
-    compare_parameters,
+    load_checked,
     parameter_shapes,
     read_checkpoint,
 )
@@ -53,29 +54,10 @@ RECIPE_META_KEYS = ("mean", "std", "crop_pct", "interpolation", "dataset", "data
 log = logging.getLogger("dvt")
 
 
-def meta_path(ckpt_path: str) -> str:
-    return os.path.splitext(ckpt_path)[0] + ".json"
-
-
 def save_checkpoint(save_obj, path: str, meta: dict) -> None:
     """Write a checkpoint and its JSON, each all-or-nothing, JSON last."""
     write_atomic(path, lambda tmp: ms.save_checkpoint(save_obj, tmp))
     write_json(meta_path(path), meta)
-
-
-def read_meta(ckpt_path: str) -> dict:
-    """The JSON beside a checkpoint ({} when there is none)."""
-    path = meta_path(ckpt_path)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UnreadableCheckpoint(f"cannot read {path}: {err}") from err
-    if not isinstance(meta, dict):
-        raise UnreadableCheckpoint(f"cannot read {path}: not a JSON object")
-    return meta
 
 
 def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
@@ -87,7 +69,7 @@ def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
     if not os.path.isfile(ckpt_path):
         return {}
     meta = read_meta(ckpt_path)
-    model = meta.get("model") or meta.get("arch")  # training writes model, the converter arch
+    model = meta.get("model")
     if not model:
         if model_given:
             return {}
@@ -129,9 +111,7 @@ def model_weights(params: dict, net: nn.Cell, prefer_ema: bool) -> dict:
 
 def load_model_weights(net: nn.Cell, path: str, prefer_ema: bool = True) -> dict:
     """Load a model-only or training checkpoint into `net`, strictly; returns the JSON metadata."""
-    params = model_weights(read_checkpoint(path), net, prefer_ema)
-    compare_parameters(parameter_shapes(net), {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(net, params, strict_load=True)
+    load_checked(net, model_weights(read_checkpoint(path), net, prefer_ema), path)
     return read_meta(path)
 
 
@@ -150,9 +130,7 @@ def load_pretrained(net: nn.Cell, path: str) -> list[str]:
     if dropped:
         log.warning("pretrained %s: dropped %d head parameter(s) of another size (%s); they start from scratch",
                     path, len(dropped), ", ".join(dropped))
-    kept = {name: shape for name, shape in shapes.items() if name not in dropped}
-    compare_parameters(kept, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(net, params, strict_load=False)
+    load_checked(net, params, path, expected={name: shape for name, shape in shapes.items() if name not in dropped})
     return dropped
 
 
@@ -181,8 +159,7 @@ def load_train_state(train_step: nn.Cell, path: str, spec_dict: dict, model_name
     params.pop(SCHEDULE_PARAMETER, None)
     expected = {name: shape for name, shape in parameter_shapes(train_step).items()
                 if name != SCHEDULE_PARAMETER and not name.startswith(ACCUMULATOR_PREFIX)}
-    compare_parameters(expected, {k: tuple(np.shape(v)) for k, v in params.items()}, path)
-    ms.load_param_into_net(train_step, params, strict_load=False)
+    load_checked(train_step, params, path, expected)
     return meta
 
 

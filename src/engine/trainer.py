@@ -26,19 +26,12 @@ from ..atomic import append_line, remove_partials, write_text
 from ..config import save_config
 from ..data.pipeline import create_eval_loader, create_train_loader
 from ..flops import exit_gflops
-from ..models import DVT, CheckpointMismatch, create_model
+from ..models import DVT, CheckpointMismatch
 from ..models.tokenizers import TokenPerformer
 from ..models.weights import UnreadableCheckpoint
-from .checkpoint import (
-    CheckpointManager,
-    check_architecture,
-    load_model_weights,
-    load_pretrained,
-    load_train_state,
-    read_meta,
-    restore_newest,
-)
+from .checkpoint import CheckpointManager, load_pretrained, load_train_state, restore_newest
 from .evaluate import evaluate
+from .inference import build_model, use_device
 from .optim import AdamW, param_groups
 from .run_dir import check_fresh, claim
 from .schedule import cosine_schedule
@@ -54,17 +47,6 @@ LAUNCH_FILES = ("logs", "train_stdout.log")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf and loss scaling cannot recover it."""
-
-
-def use_device(target: str) -> None:
-    """Graph mode on `target`. MindSpore fixes the device once kernels have run; asking again for the
-    same one (a second run in one process) is fine, asking for another is its error."""
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        ms.set_device(target)
-    except RuntimeError:
-        if ms.get_context("device_target") != target:
-            raise
 
 
 def setup_device(config: dict) -> tuple[int, int]:
@@ -119,29 +101,6 @@ def add_log_file(run_dir: str) -> None:
     handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-
-
-def build_model(config: dict, num_classes: int) -> DVT:
-    overrides = {key: config[key] for key in ("img_size", "grids") if config[key] is not None}
-    return create_model(config["model"], num_classes=num_classes, feature_reuse=config["feature_reuse"],
-                        relation_reuse=config["relation_reuse"], drop_path_rate=config["drop_path_rate"],
-                        drop_rate=config["drop_rate"], **overrides)
-
-
-def load_network(config: dict, checkpoint_path: str) -> tuple[DVT, dict]:
-    """The configured model on the configured device with a checkpoint's weights (the EMA's when present),
-    refusing a checkpoint of another architecture; returns it and the checkpoint's JSON."""
-    use_device(config["device_target"])
-    net = build_model(config, config["num_classes"])
-    meta = read_meta(checkpoint_path)
-    check_architecture(meta, net.spec.to_dict(), config["model"], checkpoint_path)
-    load_model_weights(net, checkpoint_path, prefer_ema=True)
-    return net, meta
-
-
-def exit_costs(net: DVT, meta: dict) -> list[float]:
-    """Cumulative GFLOPs of every exit: the checkpoint's record when it has one, else counted."""
-    return [float(f) for f in (meta.get("exit_gflops") or meta.get("analytic_gflops") or exit_gflops(net.spec))]
 
 
 def apply_amp(net: DVT, level: str) -> None:

@@ -60,8 +60,14 @@ def read_checkpoint(path: str) -> dict:
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {err}") from err
 
 
+def load_checked(net: nn.Cell, params: dict, source: str, expected: dict[str, tuple] | None = None) -> None:
+    """Load `params` into `net` after compare_parameters: exactly `expected` (name: shape; default every parameter
+    of `net`, loaded strictly), anything else a CheckpointMismatch naming `source`. The one strict loader."""
+    compare_parameters(parameter_shapes(net) if expected is None else expected,
+                       {name: tuple(np.shape(value)) for name, value in params.items()}, source)
+    ms.load_param_into_net(net, params, strict_load=expected is None)
+
+
 def load_weights(net: nn.Cell, path: str) -> None:
     """Load a MindSpore checkpoint into `net`, refusing any mismatch with a message that names it."""
-    params = read_checkpoint(path)
-    compare_parameters(parameter_shapes(net), {name: tuple(np.shape(v)) for name, v in params.items()}, path)
-    ms.load_param_into_net(net, params, strict_load=True)
+    load_checked(net, read_checkpoint(path), path)
