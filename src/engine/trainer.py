@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..atomic import append_line, remove_partials, write_text
 from ..config import save_config
 from ..data.pipeline import create_eval_loader, create_train_loader
-from ..flops import exit_gflops
+from ..metadata import model_meta
 from ..models import DVT, CheckpointMismatch
 from ..models.tokenizers import TokenPerformer
 from ..models.weights import UnreadableCheckpoint
@@ -312,8 +312,7 @@ def _build(config: dict) -> RunParts:
 
 def checkpoint_meta(config: dict, net: DVT, updates_per_epoch: int) -> dict:
     """What every checkpoint's JSON of this run records: the model, its spec and costs, eval preprocessing, data."""
-    return {"model": config["model"], "spec": net.spec.to_dict(), "num_classes": config["num_classes"],
-            "grids": list(net.spec.grids), "exit_gflops": exit_gflops(net.spec), "img_size": net.spec.img_size,
+    return {**model_meta(config["model"], net.spec),
             "mean": config["mean"], "std": config["std"], "crop_pct": config["crop_pct"],
             "interpolation": config["interpolation"], "updates_per_epoch": updates_per_epoch,
             "dataset": config["dataset"],
