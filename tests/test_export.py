@@ -58,6 +58,7 @@ def test_manifest_schema(exported):
     assert [s["file"] for s in manifest["stages"]] == ["tiny_stage1.mindir", "tiny_stage2.mindir", "tiny_stage3.mindir"]
     assert [i["name"] for i in manifest["stages"][1]["inputs"]] == ["image", "tokens", "relations"]
     assert manifest["stages"][1]["inputs"][2]["shape"] == [-1, 4, 5, 5]  # L*NH channels, (2x2+1) tokens
+    assert [o["name"] for o in manifest["stages"][1]["outputs"]] == ["logits", "next_tokens", "next_relations"]
     assert [o["name"] for o in manifest["stages"][2]["outputs"]] == ["logits"]
     assert manifest["preprocess"] == PREPROCESS
     assert len(manifest["thresholds"]) == 2 and manifest["cascade"]["file"] == "tiny_cascade.mindir"

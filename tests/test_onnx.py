@@ -92,6 +92,7 @@ def test_every_onnx_stage_equals_the_mindspore_stage(onnx_export):
         stage = session(manifest_path, entry)
         assert [i.name for i in stage.get_inputs()] == [i["name"] for i in entry["inputs"]]
         assert [list(i.shape) for i in stage.get_inputs()] == [i["shape"] for i in entry["inputs"]]
+        assert [o.name for o in stage.get_outputs()] == [o["name"] for o in entry["outputs"]]
         feeds = {"image": images} | {name: a for name, a in zip(net.stages[k].upstream_names,
                                                                  (u.asnumpy() for u in upstream), strict=True)}
         got = stage.run(None, feeds)
@@ -100,7 +101,9 @@ def test_every_onnx_stage_equals_the_mindspore_stage(onnx_export):
             assert list(a.shape) == spec["shape"] and np.abs(b).max() > 0.1
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
         upstream = tuple(net.stages[k](ms.Tensor(images), *upstream)[1:])
-    whole = session(manifest_path, manifest["cascade"]).run(None, {"image": images})
+    cascade = session(manifest_path, manifest["cascade"])
+    assert [o.name for o in cascade.get_outputs()] == [f"logits_exit{k}" for k in (1, 2, 3)]
+    whole = cascade.run(None, {"image": images})
     for a, b in zip(whole, net(ms.Tensor(images)), strict=True):
         np.testing.assert_allclose(a, b.asnumpy(), rtol=0, atol=1e-5)
 

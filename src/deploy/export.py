@@ -23,7 +23,7 @@ import os
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ..atomic import WriteFailed, replace_folder, write_json
 from ..data.transforms import eval_resize
@@ -49,8 +49,8 @@ def stage_signature(net: DVT, stage: int, batch: int | None) -> tuple[list[dict]
     for name in cell.upstream_names:
         inputs.append({"name": name, "shape": shapes[name](stage - 1)})
     outputs = [{"name": "logits", "shape": [b, spec.num_classes]}]
-    for name in cell.reusable_names:
-        outputs.append({"name": name, "shape": shapes[name](stage)})
+    for name in cell.reusable_names:  # next_tokens: ONNX names must differ from this stage's own `tokens` input
+        outputs.append({"name": f"next_{name}", "shape": shapes[name](stage)})
     for entry in inputs + outputs:
         entry["dtype"] = "float32"
     return inputs, outputs
@@ -64,24 +64,30 @@ class ImageOnly(nn.Cell):
     def __init__(self, cell: nn.Cell):
         super().__init__(auto_prefix=False)
         self.cell = cell
+        self.identity = ops.Identity()
+
+    def outputs(self, results):
+        """Each output through a node of its own: MindSpore's ONNX exporter names an output by renaming its
+        tensor, which breaks the nodes that read it too (the tokens a stage returns also feed its head)."""
+        return tuple(self.identity(result) for result in results)
 
     def construct(self, image):
-        return self.cell(image)
+        return self.outputs(self.cell(image))
 
 
 class ImageTokens(ImageOnly):
     def construct(self, image, tokens):
-        return self.cell(image, tokens)
+        return self.outputs(self.cell(image, tokens))
 
 
 class ImageRelations(ImageOnly):
     def construct(self, image, relations):
-        return self.cell(image, relations)
+        return self.outputs(self.cell(image, relations))
 
 
 class ImageTokensRelations(ImageOnly):
     def construct(self, image, tokens, relations):
-        return self.cell(image, tokens, relations)
+        return self.outputs(self.cell(image, tokens, relations))
 
 
 NAMED_SIGNATURES = {("image",): ImageOnly, ("image", "tokens"): ImageTokens,
@@ -94,12 +100,20 @@ def _placeholders(signature: list[dict]) -> list[Tensor]:
     return [Tensor(shape=[None if d == -1 else d for d in entry["shape"]], dtype=ms.float32) for entry in signature]
 
 
-def _export(cell: nn.Cell, inputs: list[dict], path: str, final: str, file_format: str) -> dict:
-    """ms.export to `path` (in the fresh folder), inputs named as the manifest names them; returns the manifest's
-    record of the file (name, size, sha256). A failure is a WriteFailed naming `final`, where the file was to end up."""
+def _export(cell: nn.Cell, inputs: list[dict], outputs: list[dict], path: str, final: str,
+            file_format: str) -> dict:
+    """Export `cell` to `path` (in the fresh folder), its inputs named as the manifest names them (in ONNX its
+    outputs too); returns the manifest's record of the file (name, size, sha256). A failure is a WriteFailed
+    naming `final`, where the file was to end up."""
     named = NAMED_SIGNATURES[tuple(entry["name"] for entry in inputs)](cell)
+    stem = os.path.splitext(path)[0]
     try:
-        ms.export(named, *_placeholders(inputs), file_name=os.path.splitext(path)[0], file_format=file_format)
+        if file_format == "ONNX":
+            ms.onnx.export(named, *_placeholders(inputs), file_name=stem,
+                           input_names=[entry["name"] for entry in inputs],
+                           output_names=[entry["name"] for entry in outputs])
+        else:
+            ms.export(named, *_placeholders(inputs), file_name=stem, file_format=file_format)
         size, digest = file_digest(path)
     except (OSError, RuntimeError) as err:  # MindSpore may report a failed write as RuntimeError
         raise WriteFailed(final, err) from err
@@ -167,7 +181,8 @@ def export_cascade(net: DVT, file_name: str, *, preprocess: dict, batch: int | N
         for k, cell in enumerate(net.stages):
             inputs, outputs = stage_signature(net, k, batch)
             name = f"{base}_stage{k + 1}{extension}"
-            entry = _export(cell, inputs, os.path.join(fresh, name), os.path.join(folder, name), file_format)
+            entry = _export(cell, inputs, outputs, os.path.join(fresh, name), os.path.join(folder, name),
+                            file_format)
             stages.append({**entry, "grid": net.spec.grids[k], "inputs": inputs, "outputs": outputs})
         manifest = {"format": MANIFEST_FORMAT, "file_format": file_format, "model": model_name,
                     "num_classes": net.spec.num_classes, "class_names": class_names, "batch_size": batch,
@@ -176,10 +191,10 @@ def export_cascade(net: DVT, file_name: str, *, preprocess: dict, batch: int | N
         if whole_cascade:
             inputs = stage_signature(net, 0, batch)[0]
             name = f"{base}_cascade{extension}"
-            entry = _export(net, inputs, os.path.join(fresh, name), os.path.join(folder, name), file_format)
-            manifest["cascade"] = {**entry, "inputs": inputs,
-                                   "outputs": [{"name": f"logits_exit{k + 1}", "shape": [b, net.spec.num_classes],
-                                                "dtype": "float32"} for k in range(net.num_exits)]}
+            outputs = [{"name": f"logits_exit{k + 1}", "shape": [b, net.spec.num_classes], "dtype": "float32"}
+                       for k in range(net.num_exits)]
+            entry = _export(net, inputs, outputs, os.path.join(fresh, name), os.path.join(folder, name), file_format)
+            manifest["cascade"] = {**entry, "inputs": inputs, "outputs": outputs}
         write_json(os.path.join(fresh, MANIFEST_NAME), manifest)
 
     set_portable(net, file_format == "ONNX")
