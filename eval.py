@@ -11,8 +11,8 @@ Outputs (budget_curve.json / .csv / .png, thresholds.json) go to the eval folder
 eval/ beside the checkpoint (runs/demo/best.ckpt -> runs/demo/eval/), or the folder of --from_probs. --adaptive
 and export.py read thresholds.json from the same place. Results of an earlier solve there are moved to
 <folder>.replaced-<time>/ first, and eval says so: nothing is overwritten.
-Without --config_path, the model (name, classes, image size, grids, eval preprocessing) is the one the
-checkpoint's JSON records (best.json, <ckpt>.json); the data still come from --dataset and --data_path.
+Without --config_path, the model (name, classes, image size, grids, eval preprocessing) and the data are the
+ones the checkpoint's JSON records (best.json, <ckpt>.json); --dataset and --data_path override the data.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from src.atomic import WriteFailed, write_atomic
 from src.budget import METHODS, BudgetError, confidences, read_gflops, resolve_budgets, simulate, solve
 from src.config import ConfigError, resolve
 from src.data.sources import DataError
+from src.metadata import eval_folder_of
 from src.models import CheckpointMismatch
 from src.report import PLOT_HINT, plot_curve, table, write_curve, write_thresholds
 
@@ -66,7 +67,7 @@ def eval_folder(args: argparse.Namespace) -> str:
     if args.from_probs:
         return os.path.dirname(os.path.abspath(args.from_probs))
     if args.checkpoint_path:
-        return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint_path)), "eval")
+        return eval_folder_of(args.checkpoint_path)
     raise ConfigError("give --checkpoint_path (or --from_probs)")
 
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.engine.adaptive import load_threshold_table
     from src.engine.checkpoint import recipe_from_checkpoint
     from src.engine.inference import exit_costs, load_network
+    from src.metadata import eval_folder_of
 
     try:
         # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         run_folder = os.path.dirname(os.path.abspath(args.ckpt_file))
         file_name = args.file_name or os.path.join(run_folder, "export", config["model"])
         thresholds_file = args.thresholds_file
-        if thresholds_file is None and os.path.isfile(os.path.join(run_folder, "eval", "thresholds.json")):
-            thresholds_file = os.path.join(run_folder, "eval", "thresholds.json")
+        solved = os.path.join(eval_folder_of(args.ckpt_file), "thresholds.json")
+        if thresholds_file is None and os.path.isfile(solved):
+            thresholds_file = solved
             print(f"thresholds: {thresholds_file}")
         if thresholds_file and not os.path.isfile(thresholds_file):
             raise FileNotFoundError(f"thresholds file not found: {thresholds_file}")

@@ -22,6 +22,11 @@ def meta_path(ckpt_path: str) -> str:
     return os.path.splitext(ckpt_path)[0] + ".json"
 
 
+def eval_folder_of(ckpt_path: str) -> str:
+    """`eval/` beside a checkpoint: where eval.py writes its results and export.py finds its thresholds.json."""
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval")
+
+
 def model_meta(model_name: str, spec: DVTSpec) -> dict:
     """The fields that say which model a checkpoint holds and what each exit costs."""
     return {"model": model_name, "spec": spec.to_dict(), "num_classes": spec.num_classes, "grids": list(spec.grids),

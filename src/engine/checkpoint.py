@@ -62,7 +62,7 @@ def save_checkpoint(save_obj, path: str, meta: dict) -> None:
 
 def recipe_from_checkpoint(ckpt_path: str, model_given: bool) -> dict:
     """The config keys that the JSON beside a checkpoint records (its model, the spec's classes, image size,
-    grids and reuse switches, the eval preprocessing of training), for a command given no recipe.
+    grids and reuse switches, training's eval preprocessing and data), for a command given no recipe.
 
     A checkpoint whose JSON names no model is a ConfigError saying what to pass, unless `model_given` (the
     command line names it); a missing checkpoint gives {}, for the loader to name it."""
