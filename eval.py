@@ -29,10 +29,12 @@ from src.config import ConfigError, resolve
 from src.data.sources import DataError
 from src.metadata import eval_folder_of
 from src.models import CheckpointMismatch
-from src.report import PLOT_HINT, plot_curve, table, write_curve, write_thresholds
+from src.report import PLOT_HINT, plot_curve, table, write_curve
+from src.thresholds import FILE_NAME as THRESHOLDS_FILE
+from src.thresholds import write_thresholds
 
 PROBS_KEYS = ("val_probs", "val_labels", "calib_probs", "calib_labels", "flops")
-RESULT_FILES = ("budget_curve.json", "budget_curve.csv", "budget_curve.png", "thresholds.json")
+RESULT_FILES = ("budget_curve.json", "budget_curve.csv", "budget_curve.png", THRESHOLDS_FILE)
 
 
 def eval_flags() -> argparse.ArgumentParser:
@@ -160,20 +162,18 @@ def run_adaptive(config: dict, args) -> int:
     import time
 
     from src.data.pipeline import create_eval_loader
-    from src.engine.adaptive import AdaptiveCascade, load_threshold_table, thresholds_for
+    from src.engine.adaptive import AdaptiveCascade
     from src.engine.inference import exit_costs, load_network
+    from src.thresholds import read_thresholds, thresholds_for
 
     if args.budget is None:
         raise ConfigError("--adaptive needs --budget GFLOPS")
     budget = read_gflops(args.budget, "--budget")
     if not args.checkpoint_path:
         raise ConfigError("give --checkpoint_path")
-    table_path = args.thresholds_file or os.path.join(eval_folder(args), "thresholds.json")
-    if not os.path.isfile(table_path):
-        raise FileNotFoundError(f"thresholds file not found: {table_path} (solve it first: eval.py without "
-                                "--adaptive writes it)")
     net, meta = load_network(config, args.checkpoint_path)
-    thresholds = thresholds_for(load_threshold_table(table_path, net.num_exits), budget)
+    table_path = args.thresholds_file or os.path.join(eval_folder(args), THRESHOLDS_FILE)
+    thresholds = thresholds_for(read_thresholds(table_path, net.num_exits), budget)
     flops = exit_costs(net, meta)
     cascade = AdaptiveCascade(net, thresholds, micro_batch=args.micro_batch)
     start = time.perf_counter()

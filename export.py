@@ -48,10 +48,11 @@ def export_flags() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from src.data.sources import class_names
     from src.deploy.export import check_export_folder, check_file_format, export_cascade, preprocess_fields
-    from src.engine.adaptive import load_threshold_table
     from src.engine.checkpoint import recipe_from_checkpoint
     from src.engine.inference import exit_costs, load_network
     from src.metadata import eval_folder_of
+    from src.thresholds import FILE_NAME as THRESHOLDS_FILE
+    from src.thresholds import read_thresholds
 
     try:
         # Export's own flags first: its --batch_size (0 = dynamic) is not the training batch of the config.
@@ -64,19 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         run_folder = os.path.dirname(os.path.abspath(args.ckpt_file))
         file_name = args.file_name or os.path.join(run_folder, "export", config["model"])
         thresholds_file = args.thresholds_file
-        solved = os.path.join(eval_folder_of(args.ckpt_file), "thresholds.json")
+        solved = os.path.join(eval_folder_of(args.ckpt_file), THRESHOLDS_FILE)
         if thresholds_file is None and os.path.isfile(solved):
             thresholds_file = solved
             print(f"thresholds: {thresholds_file}")
-        if thresholds_file and not os.path.isfile(thresholds_file):
-            raise FileNotFoundError(f"thresholds file not found: {thresholds_file}")
         check_file_format(args.file_format, args.batch_size or None, config["device_target"])
         folder = os.path.dirname(os.path.abspath(file_name))
         check_export_folder(folder)
         replacing = os.path.isdir(folder) and bool(os.listdir(folder))
         net, meta = load_network(config, args.ckpt_file)
         thresholds = [{"budget_gflops": budget, "thresholds": values} for budget, values in
-                      (load_threshold_table(thresholds_file, net.num_exits) if thresholds_file else [])]
+                      (read_thresholds(thresholds_file, net.num_exits) if thresholds_file else [])]
         preprocess = preprocess_fields(config, net.spec.img_size)
         names = class_names(config["dataset"], config["data_path"])
         if names is not None and len(names) != net.spec.num_classes:

@@ -1,4 +1,4 @@
-"""The accuracy-vs-GFLOPs curve as a terminal table, JSON, CSV, a thresholds file and a PNG plot; a checkpoint's
+"""The accuracy-vs-GFLOPs curve as a terminal table, JSON, CSV and a PNG plot; a checkpoint's
 stored results as a table."""
 
 from __future__ import annotations
@@ -80,15 +80,6 @@ def write_curve(curve: list[dict], output_dir: str) -> list[str]:
                          " ".join(map(str, row["exit_fractions"])), " ".join(map(str, row["thresholds"]))])
     write_text(csv_path, text.getvalue())
     return [json_path, csv_path]
-
-
-def write_thresholds(curve: list[dict], meta: dict, output_dir: str) -> str:
-    """thresholds.json: what adaptive inference and export read (thresholds by budget, exit costs)."""
-    path = os.path.join(output_dir, "thresholds.json")
-    content = dict(meta, budgets=[{"budget_gflops": r["budget_gflops"], "thresholds": r["thresholds"],
-                                   "expected_gflops": r["expected_gflops"], "top1": r["top1"]} for r in curve])
-    write_json(path, content)
-    return path
 
 
 def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: str, title: str,

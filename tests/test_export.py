@@ -263,6 +263,16 @@ def test_mindir_files_do_not_need_the_cpu_kernel_library(exported):
                 assert b"libdvt_cpu_kernels" not in handle.read(), name
 
 
+def test_export_leaves_the_network_as_it_was(exported):
+    """export_cascade writes stock-op graphs but hands the network back with its fast kernels."""
+    from src.models import cpu_kernels
+    from src.models.layers import GELU, LayerNorm
+
+    assert cpu_kernels.library_path() is not None
+    normalised = [cell for _, cell in exported[0].cells_and_names() if isinstance(cell, (LayerNorm, GELU))]
+    assert normalised and all(cell.fast_kernel is not None for cell in normalised)
+
+
 def listing(folder) -> dict:
     return {name: file_digest(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 

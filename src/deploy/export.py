@@ -28,7 +28,7 @@ from mindspore import Tensor, nn, ops
 from ..atomic import WriteFailed, replace_folder, write_json
 from ..data.transforms import eval_resize
 from ..models import DVT
-from ..models.layers import set_portable, use_stock_ops
+from ..models.layers import export_forms
 from .runner import FILE_FORMATS, MANIFEST_FORMAT, file_digest
 
 MANIFEST_NAME = "manifest.json"
@@ -169,7 +169,6 @@ def export_cascade(net: DVT, file_name: str, *, preprocess: dict, batch: int | N
     if class_names is not None and len(class_names) != net.spec.num_classes:
         raise ExportError(f"{len(class_names)} class names for {net.spec.num_classes} classes")
     net.set_train(False)
-    use_stock_ops(net)  # an exported graph must run without our CPU kernel library (Lite, other machines)
     folder = os.path.dirname(os.path.abspath(file_name))
     check_export_folder(folder)
     base = os.path.basename(file_name)
@@ -197,9 +196,6 @@ def export_cascade(net: DVT, file_name: str, *, preprocess: dict, batch: int | N
             manifest["cascade"] = {**entry, "inputs": inputs, "outputs": outputs}
         write_json(os.path.join(fresh, MANIFEST_NAME), manifest)
 
-    set_portable(net, file_format == "ONNX")
-    try:
+    with export_forms(net, portable=file_format == "ONNX"):  # the graphs must run without our kernel library
         replace_folder(folder, build)
-    finally:
-        set_portable(net, False)
     return os.path.join(folder, MANIFEST_NAME)

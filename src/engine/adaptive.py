@@ -10,21 +10,19 @@ sub-batch of n samples:
 - `micro_batch=0`: one call per stage, compiled once with a dynamic batch dimension (`set_inputs` with None).
   It compiles least, but MindSpore's dynamic-shape kernels are about 1.45x slower on CPU and its memory grows
   with the batch.
-Thresholds come from eval.py's table by budget and can be switched between batches without recompiling.
+Thresholds come from eval.py's thresholds.json by budget (`src.thresholds`) and can be switched between batches
+without recompiling.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from ..deploy.runner import threshold_rows
 from ..models import DVT
 from ..models.layers import use_stock_ops
 from .evaluate import softmax
@@ -39,32 +37,6 @@ class AdaptiveResult:
     exits: np.ndarray
 
 
-def load_threshold_table(path: str, num_exits: int) -> list[tuple[float, list[float]]]:
-    """(budget GFLOPs, thresholds) rows of eval.py's thresholds.json, by increasing budget; every row must
-    hold a positive budget and one finite threshold per exit (ValueError naming the file and row)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"thresholds file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
-        raise ValueError(f"cannot read thresholds file {path}: {err}") from err
-    if not isinstance(content, dict) or "budgets" not in content:
-        raise ValueError(f"{path} is not a thresholds file: it lacks 'budgets' (eval.py writes thresholds.json)")
-    rows = threshold_rows(content["budgets"], num_exits, path)
-    if not rows:
-        raise ValueError(f"{path} holds no thresholds")
-    return rows
-
-
-def thresholds_for(table: list[tuple[float, list[float]]], budget: float) -> list[float]:
-    """The thresholds solved for the largest budget that does not exceed `budget`."""
-    fitting = [thresholds for solved, thresholds in table if solved <= budget + 1e-12]
-    if not fitting:
-        raise ValueError(f"no thresholds for a budget of {budget:.4g} GFLOPs: the smallest solved is {table[0][0]:.4g}")
-    return fitting[-1]
-
-
 def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs = softmax(logits)
     return probs.argmax(1), probs.max(1)
@@ -77,18 +49,30 @@ def micro_batches(count: int, size: int) -> list[int]:
                                        if remainder >> bit & 1]
 
 
+def dynamic_twin(net: DVT) -> DVT:
+    """A DVT with `net`'s weights for dynamic-batch stages. `set_inputs` and MindSpore's stock ops (the AOT CPU
+    kernels take static shapes only) change a network for good, so they go on a copy, not on the caller's."""
+    twin = DVT(net.spec)
+    use_stock_ops(twin)
+    missing, unused = ms.load_param_into_net(twin, net.parameters_dict(), strict_load=True)
+    if missing or unused:
+        raise ValueError(f"the twin of {net.spec.family} DVT misses {missing} and does not take {unused}")
+    return twin
+
+
 class AdaptiveCascade:
-    """Runs a DVT's stages with early exit. `thresholds[k]` gates exit k; the last exit takes the rest."""
+    """Runs a DVT's stages with early exit. `thresholds[k]` gates exit k; the last exit takes the rest.
+
+    With `micro_batch` m > 0 it runs `net` itself; with 0, a `dynamic_twin` of it, leaving `net` as it was."""
 
     def __init__(self, net: DVT, thresholds: list[float] | None = None, micro_batch: int = 16):
         if micro_batch < 0:
             raise ValueError(f"micro_batch must be 0 (dynamic batch) or a size, not {micro_batch}")
-        self.net = net
-        self.stages = list(net.stages)
+        self.net = net if micro_batch else dynamic_twin(net)
+        self.stages = list(self.net.stages)
         self.micro_batch = micro_batch
-        net.set_train(False)
+        self.net.set_train(False)
         if not micro_batch:
-            use_stock_ops(net)  # the AOT CPU kernels take static shapes only
             spec = net.spec
             for k, stage in enumerate(self.stages):
                 dynamic = [Tensor(shape=[None, spec.in_chans, spec.img_size, spec.img_size], dtype=ms.float32)]

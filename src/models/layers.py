@@ -7,6 +7,8 @@ exact erf form, Dense weights start as trunc_normal(0.02) with zero biases (the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mindspore as ms
 import numpy as np
@@ -93,12 +95,24 @@ def use_stock_ops(net: nn.Cell) -> None:
             cell.fast_kernel = None
 
 
-def set_portable(net: nn.Cell, portable: bool) -> None:
-    """Switch every cell of `net` that has a `portable` form (LayerNorm, GELU, the soft split, padding) to it or back:
-    the ops MindSpore's ONNX exporter can write, for ONNX export only (the soft split's gather trains slower)."""
-    for _, cell in net.cells_and_names():
-        if hasattr(cell, "portable"):
-            cell.portable = portable
+@contextmanager
+def export_forms(net: nn.Cell, portable: bool = False) -> Iterator[nn.Cell]:
+    """Within the block, `net` runs MindSpore's own LayerNorm and GELU (an exported file must not need our kernel
+    library) and, with `portable`, the forms MindSpore's ONNX exporter can write (LayerNorm, GELU, the soft split,
+    padding; the soft split's gather trains slower); on leaving it, every cell is as it was."""
+    cells = [cell for _, cell in net.cells_and_names()]
+    kernels = [(cell, cell.fast_kernel) for cell in cells if isinstance(cell, (LayerNorm, GELU))]
+    forms = [(cell, cell.portable) for cell in cells if hasattr(cell, "portable")]
+    use_stock_ops(net)
+    for cell, _ in forms:
+        cell.portable = portable
+    try:
+        yield net
+    finally:
+        for cell, kernel in kernels:
+            cell.fast_kernel = kernel
+        for cell, form in forms:
+            cell.portable = form
 
 
 def layer_norm(width: int, eps: float) -> LayerNorm:
