@@ -60,6 +60,24 @@ def test_mixup_equals_formula():
     np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("use_cutmix", [False, True])
+@pytest.mark.parametrize("lam", [0.3, 0.77, 1.0])
+def test_in_place_mixing_gives_the_same_bits(lam, use_cutmix):
+    """The loader mixes its own batch in place: bit for bit the whole-batch float32 expressions of NumPy."""
+    x, labels = batch(size=6), np.array([0, 1, 2, 3, 0, 1])
+    mixer = MixupCutmix(4)
+    want, want_targets = mixer.mix(x.copy(), labels, lam, use_cutmix, np.random.default_rng(5))
+    buffer = x.copy()
+    got, targets = mixer.mix(buffer, labels, lam, use_cutmix, np.random.default_rng(5), in_place=True)
+    assert got is buffer
+    np.testing.assert_array_equal(targets, want_targets)
+    np.testing.assert_array_equal(got, want)
+    if not use_cutmix:
+        rev = x[::-1]
+        np.testing.assert_array_equal(got, np.add(np.multiply(x, np.float32(lam)),
+                                                  np.multiply(rev, np.float32(1 - lam))))
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_cutmix_box_pasted_from_reversed_batch(seed):
     x, labels, height = batch(seed), np.array([0, 1, 2, 3]), 32

@@ -79,10 +79,11 @@ class MixupCutmix:
 
     def mix(
         self, images: np.ndarray, labels: np.ndarray, lam: float, use_cutmix: bool = False,
-        rng: np.random.Generator | None = None,
+        rng: np.random.Generator | None = None, in_place: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mix a (B, C, H, W) batch with its reverse at a given lam; CutMix draws its box from `rng` and
-        recomputes lam from the box area."""
+        recomputes lam from the box area. `in_place` overwrites a float32 `images` with the same values
+        instead of allocating the mixed batch (the loader's workers own their batch)."""
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels)
         if images.ndim != 4:
@@ -98,9 +99,11 @@ class MixupCutmix:
                 raise ValueError("CutMix needs an rng to place its box")
             height, width = images.shape[2:]
             y0, y1, x0, x1 = self.cutmix_box(lam, height, width, rng)
-            mixed = images.copy()
-            mixed[:, :, y0:y1, x0:x1] = images[::-1, :, y0:y1, x0:x1]
+            mixed = images if in_place else images.copy()
+            mixed[:, :, y0:y1, x0:x1] = images[::-1, :, y0:y1, x0:x1].copy()  # the box may overlap its source
             lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        elif lam < 1.0 and in_place:
+            mixed = _blend_reversed(images, np.float32(lam), np.float32(1.0 - lam))
         elif lam < 1.0:
             mixed = images * np.float32(lam) + images[::-1] * np.float32(1.0 - lam)
         else:
@@ -109,8 +112,26 @@ class MixupCutmix:
         targets = smooth * np.float32(lam) + smooth[::-1] * np.float32(1.0 - lam)
         return mixed.astype(np.float32, copy=False), targets.astype(np.float32, copy=False)
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Mix a (B, C, H, W) float batch and its (B,) integer labels; returns images and (B, classes) targets."""
+    def __call__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                 in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Mix a (B, C, H, W) float batch and its (B,) integer labels; returns images and (B, classes) targets.
+        `in_place`: see `mix`."""
         lam, use_cutmix = self.sample_params(rng)
-        return self.mix(images, labels, lam, use_cutmix, rng)
+        return self.mix(images, labels, lam, use_cutmix, rng, in_place)
+
+
+def _blend_reversed(images: np.ndarray, lam: np.float32, rest: np.float32) -> np.ndarray:
+    """images * lam + images[::-1] * rest, in place, pair by pair (i, B-1-i) through two image-sized buffers:
+    the same float32 products and sums as the whole-batch expression, without its three batch-sized arrays."""
+    first, second = np.empty_like(images[0]), np.empty_like(images[0])
+    size = images.shape[0]
+    for i in range(size // 2):
+        a, b = images[i], images[size - 1 - i]
+        np.multiply(a, lam, out=first)
+        np.multiply(b, rest, out=second)
+        first += second  # the new a: a * lam + b * rest
+        np.multiply(b, lam, out=second)
+        np.multiply(a, rest, out=b)
+        b += second  # the new b: a * rest + b * lam (float addition commutes exactly)
+        a[...] = first
+    return images

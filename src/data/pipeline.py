@@ -98,8 +98,9 @@ class TrainBatches:
         skipped = np.full(plan.batch_size, NO_IMAGE, np.int64)
         for slot, (position, item) in enumerate(zip(positions.tolist(), items.tolist(), strict=True)):
             image, labels[slot] = self._load(item, epoch, position, skipped)
-            images[slot] = self.transform(image, keyed_rng(plan.seed, IMAGE, epoch, position))
-        images, targets = self.mixer(images, labels, keyed_rng(plan.seed, BATCH, epoch, index, plan.rank))
+            self.transform(image, keyed_rng(plan.seed, IMAGE, epoch, position), images[slot])
+        images, targets = self.mixer(images, labels, keyed_rng(plan.seed, BATCH, epoch, index, plan.rank),
+                                     in_place=True)  # the batch is ours: no second copy of it
         return images, targets, skipped
 
 
@@ -121,21 +122,22 @@ class EvalBatches:
 
     def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         chunk = self.indices[int(batch) * self.batch_size:(int(batch) + 1) * self.batch_size]
-        images, labels = [], []
+        size = self.transform.resize_crop.size
+        images = np.empty((len(chunk), 3, size, size), np.float32)  # each image written into its slot
+        labels = np.empty(len(chunk), np.int32)
         skipped = np.full(self.batch_size, NO_IMAGE, np.int64)
+        count = 0
         for item in chunk:
             try:
-                image, label = self.source.load(item)
+                image, labels[count] = self.source.load(item)
             except DataError:
                 if not self.skip_corrupt:
                     raise
                 _record_skip(skipped, item)
                 continue
-            images.append(self.transform(image))
-            labels.append(label)
-        size = self.transform.resize_crop.size
-        stacked = np.stack(images) if images else np.empty((0, 3, size, size), np.float32)
-        return stacked, np.asarray(labels, np.int32), skipped
+            self.transform(image, images[count])
+            count += 1
+        return images[:count], labels[:count], skipped
 
 
 @dataclass

@@ -31,8 +31,10 @@ class Normalise:
         self.mean = (255.0 * np.asarray(mean, np.float32)).reshape(3, 1, 1)
         self.inverse_std = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(3, 1, 1)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        out = np.empty((3, *image.shape[:2]), np.float32)
+    def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise into `out` (a CHW float32 slot of the batch, sparing a copy) or a new array."""
+        if out is None:
+            out = np.empty((3, *image.shape[:2]), np.float32)
         np.subtract(image.transpose(2, 0, 1), self.mean, out=out, dtype=np.float32)
         out *= self.inverse_std
         return out
@@ -91,7 +93,8 @@ class TrainTransform:
         self.normalise = Normalise(config["mean"], config["std"])
         self.erase_prob = config["re_prob"]
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, image: Image.Image, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+        """The transformed image, written into `out` (CHW float32) when given."""
         top, left, h, w = crop_box(image.width, image.height, self.scale, self.ratio, rng)
         interpolation = self.interpolations[int(rng.integers(len(self.interpolations)))]
         image = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), interpolation)
@@ -99,7 +102,7 @@ class TrainTransform:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.augment is not None:
             image = self.augment.augment(image, rng)
-        out = self.normalise(np.asarray(image))
+        out = self.normalise(np.asarray(image), out)
         if self.erase_prob > 0 and rng.random() < self.erase_prob:
             erase(out, rng)
         return out
@@ -139,5 +142,6 @@ class EvalTransform:
         self.resize_crop = ResizeCenterCrop(img_size, eval_resize(config, img_size), interpolation)
         self.normalise = Normalise(config["mean"], config["std"])
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        return self.normalise(np.asarray(self.resize_crop(image)))
+    def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """The transformed image, written into `out` (CHW float32) when given."""
+        return self.normalise(np.asarray(self.resize_crop(image)), out)
