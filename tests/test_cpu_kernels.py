@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+from src import native
 from src.models import cpu_kernels
 from src.models.layers import GELU, LayerNorm, use_stock_ops
 
@@ -14,7 +15,7 @@ from src.models.layers import GELU, LayerNorm, use_stock_ops
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """library_path() forgets its cached answer and builds into an empty folder; restored afterwards."""
-    monkeypatch.setenv(cpu_kernels.CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(native.CACHE_DIR, str(tmp_path))
     cpu_kernels.library_path.cache_clear()
     yield tmp_path
     cpu_kernels.library_path.cache_clear()
@@ -62,7 +63,7 @@ def test_training_uses_mindspore_ops_so_gradients_exist():
 
 
 def test_switched_off_by_the_environment(monkeypatch, fresh_build):
-    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    monkeypatch.setenv(native.SWITCH, "0")
     assert cpu_kernels.library_path() is None and GELU().fast_kernel is None
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from . import resample
 from .randaugment import RandAugment, rand_augment_from_string
 
 PIL_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -92,12 +93,14 @@ class TrainTransform:
         self.augment: RandAugment | None = rand_augment_from_string(policy) if policy else None
         self.normalise = Normalise(config["mean"], config["std"])
         self.erase_prob = config["re_prob"]
+        resample.available()  # built (or found wanting) here, before the loader's workers start
 
     def __call__(self, image: Image.Image, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         """The transformed image, written into `out` (CHW float32) when given."""
         top, left, h, w = crop_box(image.width, image.height, self.scale, self.ratio, rng)
         interpolation = self.interpolations[int(rng.integers(len(self.interpolations)))]
-        image = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), interpolation)
+        side = (self.size, self.size)
+        image = Image.fromarray(resample.resize_window(image, (left, top, w, h), side, (0, 0, *side), interpolation))
         if self.hflip > 0 and rng.random() < self.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.augment is not None:
@@ -109,25 +112,27 @@ class TrainTransform:
 
 
 class ResizeCenterCrop:
-    """PIL resize of the short side to `resize`, then a centre crop of `size` (torchvision's eval)."""
+    """PIL resize of the short side to `resize`, then a centre crop of `size` (torchvision's eval), as an (h, w, 3)
+    uint8 array; only the crop is resampled (`resample.py`, the same values)."""
 
     def __init__(self, size: int, resize: int, interpolation: int):
         self.size = size
         self.resize = resize
         self.interpolation = interpolation
+        resample.available()  # built (or found wanting) here, before the loader's workers start
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image) -> np.ndarray:
         width, height = image.size
+        new_size = (width, height)
         if min(width, height) != self.resize:
             if width <= height:
                 new_size = (self.resize, int(self.resize * height / width))
             else:
                 new_size = (int(self.resize * width / height), self.resize)
-            image = image.resize(new_size, self.interpolation)
-            width, height = image.size
-        left = int(round((width - self.size) / 2.0))
-        top = int(round((height - self.size) / 2.0))
-        return image.crop((left, top, left + self.size, top + self.size))
+        left = int(round((new_size[0] - self.size) / 2.0))
+        top = int(round((new_size[1] - self.size) / 2.0))
+        return resample.resize_window(image, (0, 0, width, height), new_size, (left, top, self.size, self.size),
+                                      self.interpolation)
 
 
 def eval_resize(config: dict, img_size: int) -> int:
@@ -144,4 +149,4 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         """The transformed image, written into `out` (CHW float32) when given."""
-        return self.normalise(np.asarray(self.resize_crop(image)), out)
+        return self.normalise(self.resize_crop(image), out)
