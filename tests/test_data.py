@@ -239,13 +239,17 @@ def test_accumulation_and_step_cap_shape_the_epoch(recipe_folder):
         create_train_loader(dict(config, accum_steps=13), 16)
 
 
+def corrupt_folder_config(tmp_path, **overrides) -> dict:
+    """A folder dataset of 12 training images whose train/dog/1.jpg is truncated, read 2 at a time by 2 workers."""
+    root = make_folder(tmp_path)
+    truncate(os.path.join(root, "train", "dog", "1.jpg"))
+    return base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3, epochs=1,
+                       num_parallel_workers=2, **overrides)
+
+
 @pytest.mark.parametrize("processes", [False, True])
 def test_corrupt_image_stops_with_its_path(tmp_path, processes):
-    root = make_folder(tmp_path)
-    bad = os.path.join(root, "train", "dog", "1.jpg")
-    truncate(bad)
-    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3, epochs=1,
-                         python_multiprocessing=processes, num_parallel_workers=2)
+    config = corrupt_folder_config(tmp_path, python_multiprocessing=processes)
     with pytest.raises(DataError, match="cannot read image .*dog/1.jpg"):
         list(create_train_loader(config, 16).batches())
     with pytest.raises(DataError, match="cannot read image .*dog/1.jpg"):
@@ -254,17 +258,13 @@ def test_corrupt_image_stops_with_its_path(tmp_path, processes):
 
 @pytest.mark.parametrize("processes", [False, True])
 def test_corrupt_image_skipped_and_counted(tmp_path, processes):
-    root = make_folder(tmp_path)
-    bad = os.path.join(root, "train", "dog", "1.jpg")
-    truncate(bad)
-    config = base_config(dataset="folder", data_path=root, batch_size=2, shuffle=False, num_classes=3, epochs=1,
-                         skip_corrupt=True, label_smoothing=0.0, python_multiprocessing=processes,
-                         num_parallel_workers=2)
+    config = corrupt_folder_config(tmp_path, skip_corrupt=True, label_smoothing=0.0, python_multiprocessing=processes)
     train = create_train_loader(config, 16)
     targets = np.concatenate([t.asnumpy() for _, t in train.batches()])
     assert len(targets) == 12  # the unreadable image is replaced by a drawn one: batches keep their shape
     labels = targets.argmax(1)
     np.testing.assert_array_equal(np.delete(labels, 5), [0] * 4 + [1] * 3 + [2] * 4)
+    bad = os.path.join(config["data_path"], "train", "dog", "1.jpg")
     assert train.skipped == {bad}
     val = create_eval_loader(dict(config, val_split="train"), 16)
     labels = np.concatenate([t.asnumpy() for _, t in val.batches()])

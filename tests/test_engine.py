@@ -100,12 +100,19 @@ def test_overflow_skips_the_update_but_advances_the_schedule(step_parts):
     assert int(optimizer.adam_step.asnumpy().reshape(-1)[0]) == adam_step
 
 
-def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
-    net, ema, optimizer, step = step_parts
-    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=2)
+def three_states(step_parts, folder: str, keep: int) -> CheckpointManager:
+    """A manager keeping `keep` states that has saved the states of epochs 1, 2 and 3 (steps 10, 20, 30)."""
+    net, _, _, step = step_parts
+    manager = CheckpointManager(folder, "dvt_tiny_deit", keep=keep)
     meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
     for epoch in (1, 2, 3):
         manager.save_train_state(step, epoch, dict(meta, step=10 * epoch))
+    return manager
+
+
+def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
+    net, ema, optimizer, step = step_parts
+    manager = three_states(step_parts, str(tmp_path), keep=2)
     assert [s for s, _ in manager.train_states()] == [20, 30]
     # a checkpoint without its JSON is incomplete and never picked; stale temp files are removed
     open(os.path.join(str(tmp_path), "dvt_tiny_deit-e0009.ckpt"), "wb").close()
@@ -120,7 +127,7 @@ def test_checkpoint_manager_keeps_the_last_k_and_restores(step_parts, tmp_path):
     assert restored["epoch"] == 3 and restored["step"] == 30
     for p in step.get_parameters():
         np.testing.assert_array_equal(p.asnumpy(), saved[p.name], err_msg=p.name)
-    best = manager.save_best(ema.shadow, dict(meta, epoch=3))
+    best = manager.save_best(ema.shadow, {"model": "dvt_tiny_deit", "spec": net.spec.to_dict(), "epoch": 3})
     with open(best.replace(".ckpt", ".json")) as handle:
         assert json.load(handle)["kind"] == "model"
     fresh = tiny(seed=5)
@@ -162,10 +169,7 @@ def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_state(step_p
 
 def test_resume_skips_damaged_states_and_names_them(step_parts, tmp_path):
     net, _, _, step = step_parts
-    manager = CheckpointManager(str(tmp_path), "dvt_tiny_deit", keep=3)
-    meta = {"model": "dvt_tiny_deit", "spec": net.spec.to_dict()}
-    for epoch in (1, 2, 3):
-        manager.save_train_state(step, epoch, dict(meta, step=10 * epoch))
+    manager = three_states(step_parts, str(tmp_path), keep=3)
     newest, middle = (os.path.join(str(tmp_path), f"dvt_tiny_deit-e000{e}.ckpt") for e in (3, 2))
     with open(newest, "r+b") as handle:
         handle.truncate(os.path.getsize(newest) // 2)
