@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = "EMA " if summary["ema_val"] else ""
         print(f"\n{kind}validation top-1 per exit: " + " / ".join(f"{a:.2f}%" for a in final["top1"]))
         print(f"best checkpoint: {summary['best_checkpoint']} (epoch {summary['best']['epoch']})")
+    if summary["rank"] == 0:
         print(f"run directory: {summary['run_dir']}")
     return 0
 

@@ -26,6 +26,7 @@ class Option:
     kind: type | tuple = str  # int, float, bool, str, or (list, int) / (list, float) for lists
     choices: tuple | None = None
     nullable: bool = False
+    minimum: int | None = None  # the smallest value allowed (counts and intervals)
 
 
 OPTIONS: dict[str, Option] = {
@@ -54,9 +55,10 @@ OPTIONS: dict[str, Option] = {
     "num_parallel_workers": Option(4, "data loading workers per device, each building whole batches", int),
     "python_multiprocessing": Option(True, "loader workers are processes (scale with cores); false: threads, "
                                      "cheaper to start for light transforms", bool),
-    "batch_size": Option(128, "images per device and micro-batch", int),
+    "batch_size": Option(128, "images per device and micro-batch", int, minimum=1),
     "accum_steps": Option(1, "micro-batches per optimizer update (gradient accumulation): the update equals "
-                          "one step on accum_steps x batch_size images per device", int),
+                          "one step on accum_steps x batch_size images per device", int,
+                          minimum=1),
     "eval_batch_size": Option(100, "images per device in validation", int),
     "shuffle": Option(True, "shuffle the training set every epoch", bool),
     "crop_pct": Option(0.875, "eval: resize the short side to img_size / crop_pct, then centre crop", float),
@@ -109,15 +111,17 @@ OPTIONS: dict[str, Option] = {
     "keep_checkpoints": Option(3, "training checkpoints kept (plus best)", int),
     "ckpt_all_ranks": Option(False, "ranks other than 0 also save, under output_dir/rank_<r> (to compare replicas)",
                              bool),
-    "ckpt_interval": Option(1, "save a training checkpoint every this many epochs", int),
+    "ckpt_interval": Option(1, "save a training checkpoint every this many epochs", int, minimum=1),
     "save_interval_steps": Option(None, "also save a training checkpoint every this many optimizer updates, "
-                                  "inside epochs (resume continues with the next batch)", int, nullable=True),
+                                  "inside epochs (resume continues with the next batch)", int, nullable=True,
+                                  minimum=1),
     "checkpoint_on_stop": Option(True, "on SIGTERM or SIGINT, save a training state where training stops",
                                  bool),
-    "max_steps_per_epoch": Option(None, "cap on steps per epoch (smoke tests)", int, nullable=True),
-    "eval_interval": Option(1, "validate every this many epochs (and after the last)", int),
+    "max_steps_per_epoch": Option(None, "cap on steps per epoch (smoke tests)", int, nullable=True, minimum=1),
+    "eval_interval": Option(1, "validate every this many epochs (and after the last); 0: never during training "
+                            "(no best.ckpt; evaluate a checkpoint with eval.py)", int, minimum=0),
     "log_interval": Option(50, "every this many updates: read loss and overflow flags from the device, write a "
-                           "step record, check for NaN", int),
+                           "step record, check for NaN", int, minimum=1),
     "progress": Option(True, "tqdm progress bar on rank 0 (off when not a terminal)", bool),
 }
 
@@ -173,6 +177,8 @@ def coerce(key: str, value: Any) -> Any:
     result = _to_scalar(value, option.kind, key)
     if option.choices and result not in option.choices:
         raise ConfigError(f"{key}: {result!r} is not one of {', '.join(map(str, option.choices))}")
+    if option.minimum is not None and result < option.minimum:
+        raise ConfigError(f"{key}: {result!r} is below its minimum {option.minimum}")
     return result
 
 

@@ -47,6 +47,9 @@ def test_unknown_key_on_command_line_names_closest():
     ("ema", "maybe", "ema: expected true or false"),
     ("amp_level", "O4", "amp_level: 'O4' is not one of"),
     ("epochs", "null", "epochs cannot be null"),
+    ("log_interval", "0", "log_interval: 0 is below its minimum 1"),
+    ("eval_interval", "-1", "eval_interval: -1 is below its minimum 0"),
+    ("save_interval_steps", "0", "save_interval_steps: 0 is below its minimum 1"),
 ])
 def test_bad_values_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):

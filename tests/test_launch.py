@@ -30,6 +30,7 @@ COMMON = ["--model", "dvt_tiny_deit", "--dataset", "folder", "--num_classes", "3
           "--epochs", "1", "--warmup_epochs", "0", "--max_steps_per_epoch", "3", "--shuffle", "false",
           "--ema", "false", "--label_smoothing", "0.1", "--lr", "0.01", "--hflip", "0", "--scale", "[1, 1]",
           "--ratio", "[1, 1]",  # deterministic crops: each rank must see exactly its half of the batch
+          "--eval_interval", "0",  # the weights are compared, not validation
           "--eps", "1e-6"]  # see msrun_weights in tests/test_train.py
 CKPT = "dvt_tiny_deit-e0001.ckpt"
 NOT_THIS_HOST = ("node-a.invalid", "node-b.invalid")  # .invalid names never belong to a host (RFC 2606)

@@ -32,7 +32,8 @@ from tests.helpers import (
 )
 
 COMMON = ["--config_path", "config/demo.yaml", "--model", "dvt_tiny_deit", "--batch_size", "16", "--epochs", "2",
-          "--warmup_epochs", "1", "--max_steps_per_epoch", "12", "--log_interval", "1", "--keep_checkpoints", "3"]
+          "--warmup_epochs", "1", "--max_steps_per_epoch", "12", "--log_interval", "1", "--keep_checkpoints", "3",
+          "--eval_interval", "0"]  # these tests are about stopping and resuming, not validation
 STATE = "dvt_tiny_deit-e0002.ckpt"
 
 
@@ -137,7 +138,7 @@ def test_a_new_run_refuses_a_finished_one_and_overwrite_moves_it_aside(whole, tm
     aside = glob.glob(f"{run_dir}.replaced-*")
     assert len(aside) == 1 and digests(aside[0]) == before
     kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.ckpt")))
-    assert kept == ["best.ckpt", "dvt_tiny_deit-e0001.ckpt"]  # the new run's own, not pruned for older ones
+    assert kept == ["dvt_tiny_deit-e0001.ckpt"]  # the new run's own, not pruned for older ones
 
 
 def test_resume_auto_skips_a_damaged_state_and_a_failed_resume_writes_nothing(whole, tmp_path):

@@ -97,7 +97,7 @@ DEMO_DROPOUT = ["--config_path", "config/demo.yaml", "--drop_path_rate", "0.1"]
 
 def test_same_seed_same_run_whatever_the_workers(tmp_path):
     common = [*DEMO_DROPOUT, "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
-              "--max_steps_per_epoch", "8", "--log_interval", "1", *AUGMENTED]
+              "--max_steps_per_epoch", "8", "--log_interval", "1", "--eval_interval", "0", *AUGMENTED]
     runs = []
     for name, workers, processes in (("a", "2", "true"), ("b", "1", "false")):
         run_dir = str(tmp_path / name)
@@ -106,42 +106,45 @@ def test_same_seed_same_run_whatever_the_workers(tmp_path):
         runs.append(run_dir)
     losses = [by_step(d, "loss") for d in runs]
     assert len(losses[0]) == 16 and losses[0] == losses[1]
+    for run_dir in runs:  # eval_interval 0: trained without validation
+        assert "val" not in records(run_dir, "epoch")[-1] and not os.path.exists(os.path.join(run_dir, "best.ckpt"))
     assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_t2t-e0002.ckpt")) for d in runs))
 
 
 def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
-    common = [*DEMO_DROPOUT, "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "1",
-              "--max_steps_per_epoch", "40", "--log_interval", "1", "--lr_per_step", "true", "--ema", "true",
-              "--ema_decay", "0.9", "--save_interval_steps", "7", "--keep_checkpoints", "3", *AUGMENTED]
+    common = [*DEMO_DROPOUT, "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
+              "--max_steps_per_epoch", "20", "--log_interval", "1", "--lr_per_step", "true", "--ema", "true",
+              "--ema_decay", "0.9", "--save_interval_steps", "6", "--keep_checkpoints", "3", "--eval_interval", "0",
+              *AUGMENTED]
     whole = str(tmp_path / "whole")
     run_train(*common, "--output_dir", whole)
 
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([PYTHON, "train.py", *QUIET, *common, "--output_dir", killed], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_when(proc, killed, "dvt_tiny_t2t-e0002-s00000049.ckpt")  # 9 updates into epoch 2
+    kill_when(proc, killed, "dvt_tiny_t2t-e0002-s00000030.ckpt")  # 10 updates into epoch 2
     for path in glob.glob(os.path.join(killed, "*.ckpt")):  # every checkpoint on disk is whole
         assert ms.load_checkpoint(path)
 
     result = run_train(*common, "--output_dir", killed, "--resume", "auto")
     assert "resumed" in result.stdout and "epoch 1 done, step " in result.stdout
     resumed_at = int(result.stdout.split("epoch 1 done, step ")[1].split()[0])
-    assert 49 <= resumed_at < 80 and resumed_at % 7 == 0
+    assert 30 <= resumed_at < 40 and resumed_at % 6 == 0
     for key in ("loss", "lr", "loss_scale"):  # every step once, with the uninterrupted run's values
         assert by_step(killed, key) == by_step(whole, key), key
-    assert len(by_step(whole, "loss")) == 120
+    assert len(by_step(whole, "loss")) == 40
     assert [r["train_loss"] for r in records(killed, "epoch")] == [r["train_loss"] for r in records(whole, "epoch")]
-    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_t2t-e0003.ckpt")) for d in (whole, killed)),
+    assert_same_weights(*(final_weights(os.path.join(d, "dvt_tiny_t2t-e0002.ckpt")) for d in (whole, killed)),
                         atol=1e-6)
-    with open(os.path.join(killed, "dvt_tiny_t2t-e0003.json")) as handle:
-        assert json.load(handle)["step"] == 120
+    with open(os.path.join(killed, "dvt_tiny_t2t-e0002.json")) as handle:
+        assert json.load(handle)["step"] == 40
 
 
 def test_accumulation_trains_the_large_batch_update(folder, tmp_path):
     """accum_steps 2 of batch 4 runs the updates of batch 8: the same losses and weights (augmentation off)."""
     common = ["--model", "dvt_tiny_deit", "--dataset", "folder", "--data_path", folder, "--num_classes", "3",
               "--img_size", "16", "--epochs", "2", "--ema", "true", "--ema_decay", "0.5", "--log_interval", "1",
-              "--lr", "0.01", "--eps", "1e-4"]  # eps: see trained_weights in tests/test_engine.py
+              "--lr", "0.01", "--eps", "1e-4", "--eval_interval", "0"]  # eps: see trained_weights in test_engine.py
     runs = {}
     for name, batch, accum in (("large", "8", "1"), ("accumulated", "4", "2")):
         runs[name] = str(tmp_path / name)
@@ -247,7 +250,7 @@ def test_msrun_job_resumes_mid_epoch_exactly(folder, tmp_path):
     """A 2-worker msrun job killed inside an epoch and resumed gives the uninterrupted job's losses and weights."""
     common = ["bash", "scripts/run_distribute_train.sh", "2", folder, "config/demo.yaml", "CPU", *QUIET,
               "--model", "dvt_tiny_deit", "--dataset", "folder", "--num_classes", "3", "--img_size", "16",
-              "--batch_size", "4", "--epochs", "8", "--ema", "false", "--log_interval", "1", "--eval_interval", "8",
+              "--batch_size", "4", "--epochs", "8", "--ema", "false", "--log_interval", "1", "--eval_interval", "0",
               "--save_interval_steps", "4", "--keep_checkpoints", "2", *AUGMENTED]
 
     def launch(run_dir: str, *extra: str, **popen) -> subprocess.Popen:

@@ -231,7 +231,7 @@ class RunParts:
     run_dir: str
     net: DVT
     train_loader: Any
-    val_loader: Any
+    val_loader: Any  # None when eval_interval is 0: no validation during training
     train_step: TrainStep
     schedule: Any
     updates_per_epoch: int
@@ -282,7 +282,7 @@ def _build(config: dict) -> RunParts:
     net = build_model(config, config["num_classes"])
     img_size = net.spec.img_size
     train_loader = create_train_loader(config, img_size, rank, group_size)
-    val_loader = create_eval_loader(config, img_size, rank, group_size)
+    val_loader = create_eval_loader(config, img_size, rank, group_size) if config["eval_interval"] else None
     if train_loader.num_classes != config["num_classes"]:
         raise ValueError(f"the {config['dataset']} data has {train_loader.num_classes} classes but num_classes "
                          f"is {config['num_classes']}; set num_classes: {train_loader.num_classes}")
@@ -442,7 +442,8 @@ class TrainingRun:
                  f", {skipped} corrupt image(s) skipped so far" if skipped else "")
         record = {"type": "epoch", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
                   "overflow_steps": self.readings.skipped_total, "seconds": elapsed}
-        if last or (epoch + 1) % config["eval_interval"] == 0:
+        interval = config["eval_interval"]
+        if interval and (last or (epoch + 1) % interval == 0):
             self.validate(epoch, record)
         if self.checkpoints and (last or (epoch + 1) % config["ckpt_interval"] == 0):
             self.last_saved = self.save_state(epoch + 1, mid_epoch=False)
