@@ -54,6 +54,10 @@ def eval_flags() -> argparse.ArgumentParser:
                        help="real early-exit inference on the validation set at --budget, thresholds from "
                             "--thresholds_file")
     flags.add_argument("--budget", help="GFLOPs per image for --adaptive")
+    flags.add_argument("--eval_micro_batch", type=int, default=4,
+                       help="every exit's probabilities: each image runs the stages one after another in static "
+                            "graphs of this many samples, so memory does not grow with the eval batch; 0 = the "
+                            "whole cascade as one graph of the eval batch (fastest to compile, most memory)")
     flags.add_argument("--micro_batch", type=int, default=16,
                        help="--adaptive: stages run sub-batches in static graphs of this many samples (and the "
                             "remainder's binary digits); 0 = one dynamic-batch graph per stage")
@@ -144,15 +148,20 @@ def compute_probs(config: dict, args) -> dict:
     from src.data.pipeline import create_eval_loader
     from src.engine.evaluate import collect_probs
     from src.engine.inference import exit_costs, load_network
+    from src.engine.stagewise import StagewiseCascade
 
     if not args.checkpoint_path:
         raise ConfigError("give --checkpoint_path (or --from_probs)")
+    if args.eval_micro_batch < 0:
+        raise ConfigError(f"--eval_micro_batch must be 0 (one graph) or a number of samples, not "
+                          f"{args.eval_micro_batch}")
     net, meta = load_network(config, args.checkpoint_path)
     img_size = net.spec.img_size
     val = create_eval_loader(config, img_size)
     calib = create_eval_loader(config, img_size, split="train", subset=args.calib_size, subset_seed=args.calib_seed)
-    val_probs, val_labels = collect_probs(net, val.batches(), net.num_exits)
-    calib_probs, calib_labels = collect_probs(net, calib.batches(), net.num_exits)
+    cascade = StagewiseCascade(net, args.eval_micro_batch) if args.eval_micro_batch else net
+    val_probs, val_labels = collect_probs(cascade, val.batches(), net.num_exits)
+    calib_probs, calib_labels = collect_probs(cascade, calib.batches(), net.num_exits)
     return {"val_probs": val_probs, "val_labels": val_labels, "calib_probs": calib_probs,
             "calib_labels": calib_labels, "flops": np.asarray(exit_costs(net, meta), np.float64), "meta": meta}
 

@@ -8,6 +8,7 @@ from conftest import policies
 from src.budget import NEVER, confidences, simulate
 from src.engine.adaptive import AdaptiveCascade, micro_batches
 from src.engine.evaluate import softmax
+from src.engine.stagewise import StagewiseCascade
 from src.models import create_model
 from src.models.layers import GELU, LayerNorm
 
@@ -134,3 +135,14 @@ def test_warm_up_compiles_every_graph_the_stages_meet(micro_batch):
 def test_a_negative_micro_batch_is_refused(cascade):
     with pytest.raises(ValueError, match="micro_batch"):
         AdaptiveCascade(cascade[0].net, micro_batch=-1)
+
+
+def test_stage_by_stage_in_micro_batches_gives_the_whole_cascades_exits(cascade):
+    """Offline evaluation's bounded-memory path: 45 images as 16 + 16 + 8 + 4 + 1, every stage of each in turn."""
+    adaptive, images, probs = cascade
+    logits = StagewiseCascade(adaptive.net, micro_batch=16).set_train(False)(ms.Tensor(images[:45]))
+    assert len(logits) == 3
+    for k, exit_logits in enumerate(logits):
+        np.testing.assert_allclose(softmax(exit_logits.asnumpy()), probs[k, :45], rtol=0, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="positive number of samples"):
+        StagewiseCascade(adaptive.net, micro_batch=0)

@@ -87,6 +87,8 @@ def test_eval_errors(trained):
     tmp, model, ckpt = trained
     result = run_eval(*model, "--checkpoint_path", str(tmp / "missing.ckpt"), check=False)
     assert result.returncode == 1 and "checkpoint not found" in result.stderr
+    negative = run_eval(*model, "--checkpoint_path", ckpt, "--eval_micro_batch", "-2", check=False)
+    assert negative.returncode == 1 and "--eval_micro_batch must be 0 (one graph) or a number" in negative.stderr
     probs = str(tmp / "p.npz")
     run_eval(*model, "--checkpoint_path", ckpt, "--output_dir", str(tmp / "o"), "--save_probs", probs,
              "--budgets", "0.5x", "--calib_size", "12")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+
+if TYPE_CHECKING:
+    from .stagewise import StagewiseCascade
 
 
 class _SumOverRanks(nn.Cell):
@@ -40,8 +44,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(-1, keepdims=True)
 
 
-def collect_probs(net: nn.Cell, batches: Iterable, num_exits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every exit's softmax over (images, labels) batches: (K, N, C) float32 probabilities and (N,) labels."""
+def collect_probs(net: nn.Cell | StagewiseCascade, batches: Iterable,
+                  num_exits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every exit's softmax over (images, labels) batches: (K, N, C) float32 probabilities and (N,) labels.
+    `net` is a DVT or its StagewiseCascade (bounded memory)."""
     net.set_train(False)
     probs, labels = [[] for _ in range(num_exits)], []
     for images, batch_labels in batches:
