@@ -57,8 +57,7 @@ OPTIONS: dict[str, Option] = {
                                      "cheaper to start for light transforms", bool),
     "batch_size": Option(128, "images per device and micro-batch", int, minimum=1),
     "accum_steps": Option(1, "micro-batches per optimizer update (gradient accumulation): the update equals "
-                          "one step on accum_steps x batch_size images per device", int,
-                          minimum=1),
+                          "one step on accum_steps x batch_size images per device", int, minimum=1),
     "eval_batch_size": Option(100, "images per device in validation", int),
     "shuffle": Option(True, "shuffle the training set every epoch", bool),
     "crop_pct": Option(0.875, "eval: resize the short side to img_size / crop_pct, then centre crop", float),

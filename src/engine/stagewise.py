@@ -2,11 +2,11 @@
 
 A DVT called as one Cell compiles the whole cascade into one graph, and MindSpore's CPU runtime keeps that
 graph's intermediates alive for the whole call: peak memory grows with the batch times every stage's
-activations (README, "Speed"). Here each micro-batch of m samples runs stage 1, then stage 2 on stage 1's reuse
-tensors, and so on; only one stage's graph runs at a time, and only the m samples' reuse tensors are carried to
-the next stage. The logits are those of the whole-cascade call (the same stages, the same weights), and each
-stage compiles at most 1 + log2(m) graphs (the remainder of a batch runs in graphs of its binary digits, as in
-early exit, src/engine/adaptive.py).
+activations (README, "Evaluation under a compute budget", Memory). Here each micro-batch of m samples runs
+stage 1, then stage 2 on stage 1's reuse tensors, and so on; only one stage's graph runs at a time, and only the
+m samples' reuse tensors are carried to the next stage. The logits are those of the whole-cascade call (the same
+stages, the same weights), and each stage compiles at most 1 + log2(m) graphs (the remainder of a batch runs in
+graphs of its binary digits, as in early exit, src/engine/adaptive.py).
 """
 
 from __future__ import annotations
