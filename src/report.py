@@ -82,31 +82,59 @@ def write_curve(curve: list[dict], output_dir: str) -> list[str]:
     return [json_path, csv_path]
 
 
-def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: str, title: str,
-               backbone: tuple[float, float] | None = None) -> str | None:
-    """budget_curve.png: the DVT curve, each exit's own point and (if given) the backbone's; None without
-    matplotlib, which is an optional extra."""
-    try:
-        import matplotlib
+def budget_groups(curve: list[dict]) -> list[tuple[str, float, float]]:
+    """(label, GFLOPs, top-1) of each distinct point of the curve: budgets are numbered from 1 in the table's
+    order, and consecutive budgets that reach the same point share one label ("5-7")."""
+    groups: list[list] = []
+    for number, row in enumerate(curve, start=1):
+        point = (row["expected_gflops"], row["top1"])
+        if groups and groups[-1][1] == point:
+            groups[-1][0][1] = number
+        else:
+            groups.append([[number, number], point])
+    return [(str(first) if first == last else f"{first}-{last}", *point) for (first, last), point in groups]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+
+def draw_curve(curve: list[dict], exits: dict, gflops: list[float], title: str,
+               backbone: tuple[float, float] | None = None):
+    """The figure of budget_curve.png: the DVT curve with each budget's point numbered as in the table, each
+    exit's own point and (if given) the backbone's. The axes keep a margin so that no label is clipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    ax.plot([r["expected_gflops"] for r in curve], [r["top1"] for r in curve], "-o", ms=3, label="DVT (early exit)")
+    ax.plot([r["expected_gflops"] for r in curve], [r["top1"] for r in curve], "-o", ms=4,
+            label=f"DVT (early exit), {len(curve)} budgets")
+    for label, x, y in budget_groups(curve):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-4, 5), ha="right", fontsize=7,
+                    color="tab:blue")
     ax.plot(gflops, exits["top1"], "s", label="each exit, all images")
     for k, (x, y) in enumerate(zip(gflops, exits["top1"], strict=True)):
-        ax.annotate(f"exit {k + 1}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.annotate(f"exit {k + 1}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8)
     if backbone:
         ax.plot([backbone[0]], [backbone[1]], "^", label="backbone")
+    ax.margins(x=0.14, y=0.14)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    path = os.path.join(output_dir, "budget_curve.png")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: str, title: str,
+               backbone: tuple[float, float] | None = None) -> str | None:
+    """Write budget_curve.png (`draw_curve`); None without matplotlib, which is an optional extra."""
+    try:
+        fig = draw_curve(curve, exits, gflops, title, backbone)
+    except ImportError:
+        return None
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(output_dir, "budget_curve.png")
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:

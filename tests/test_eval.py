@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from src.budget import confidences, simulate
-from src.report import plot_curve, table
+from src.report import draw_curve, plot_curve, table
 from tests.faults import limit_file_size
 from tests.helpers import QUIET, make_folder, run_train, synthetic_probs
 
@@ -140,6 +140,28 @@ def test_tables_pad_every_column_to_its_widest_cell():
     text = table(curve, {"top1": [9.5, 96.94, 100.0], "top5": [99.72, 99.72, 99.16]}, [0.0003646, 0.01, 12.5])
     assert_aligned(text, "exit", 3)
     assert_aligned(text, "budget", 2)
+
+
+def test_plot_numbers_each_budget_and_keeps_every_label_inside_the_axes():
+    rows = [(0.001, 52.4), (0.0017, 54.0), (0.0056, 65.2), (0.0056, 65.2)]  # budgets 3 and 4 reach one point
+    curve = [{"expected_gflops": gflops, "top1": top1} for gflops, top1 in rows]
+    exit_gflops = [0.0013, 0.0058, 0.011]  # the last exit is the rightmost point, its label the likeliest to clip
+    fig = draw_curve(curve, {"top1": [52.4, 64.6, 51.0]}, exit_gflops, "t", backbone=(0.011, 66.0))
+    try:
+        ax = fig.axes[0]
+        np.testing.assert_array_equal(ax.lines[0].get_xdata(), [gflops for gflops, _ in rows])
+        labels = [text.get_text() for text in ax.texts]
+        assert labels == ["1", "2", "3-4", "exit 1", "exit 2", "exit 3"]
+        renderer = fig.canvas.get_renderer()
+        frame = ax.get_window_extent(renderer)
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            assert inside, f"label {text.get_text()!r} at {box} leaves the axes {frame}"
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
