@@ -120,7 +120,7 @@ def draw_curve(curve: list[dict], exits: dict, gflops: list[float], title: str,
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -154,10 +154,12 @@ def test_plot_numbers_each_budget_and_keeps_every_label_inside_the_axes():
         assert labels == ["1", "2", "3-4", "exit 1", "exit 2", "exit 3"]
         renderer = fig.canvas.get_renderer()
         frame = ax.get_window_extent(renderer)
+        legend = ax.get_legend().get_window_extent(renderer)
         for text in ax.texts:
             box = text.get_window_extent(renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             assert inside, f"label {text.get_text()!r} at {box} leaves the axes {frame}"
+            assert not box.overlaps(legend), f"label {text.get_text()!r} lies under the legend"
     finally:
         import matplotlib.pyplot as plt
 
