@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # usage: bash scripts/setup_env.sh [run|test]
 # Creates .venv beside the repo (once) and installs requirements.txt with the demo data and plot extras ("run":
-# ./run.sh trains the demo and draws its budget curve), or everything with the test tools ("test"). Re-running is cheap: it reinstalls only when the requirement files change.
+# ./run.sh trains the demo and draws its budget curve), or everything with the test tools ("test").
+# Re-running is cheap: it reinstalls only when the requirement files change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="${1:-run}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 
 from .atomic import write_atomic, write_json, write_text
@@ -85,26 +86,27 @@ def write_curve(curve: list[dict], output_dir: str) -> list[str]:
 def budget_groups(curve: list[dict]) -> list[tuple[str, float, float]]:
     """(label, GFLOPs, top-1) of each distinct point of the curve: budgets are numbered from 1 in the table's
     order, and consecutive budgets that reach the same point share one label ("5-7")."""
-    groups: list[list] = []
-    for number, row in enumerate(curve, start=1):
-        point = (row["expected_gflops"], row["top1"])
-        if groups and groups[-1][1] == point:
-            groups[-1][0][1] = number
-        else:
-            groups.append([[number, number], point])
-    return [(str(first) if first == last else f"{first}-{last}", *point) for (first, last), point in groups]
+    groups = []
+    numbered = enumerate(curve, start=1)
+    for point, rows in itertools.groupby(numbered, key=lambda item: (item[1]["expected_gflops"], item[1]["top1"])):
+        numbers = [number for number, _ in rows]
+        label = str(numbers[0]) if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
+        groups.append((label, *point))
+    return groups
 
 
 def draw_curve(curve: list[dict], exits: dict, gflops: list[float], title: str,
                backbone: tuple[float, float] | None = None):
     """The figure of budget_curve.png: the DVT curve with each budget's point numbered as in the table, each
-    exit's own point and (if given) the backbone's. The axes keep a margin so that no label is clipped."""
-    import matplotlib
+    exit's own point and (if given) the backbone's. The axes keep a margin so that no label is clipped.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare Figure on an Agg canvas: no pyplot, so no global backend switch and nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig = Figure(figsize=(6, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot([r["expected_gflops"] for r in curve], [r["top1"] for r in curve], "-o", ms=4,
             label=f"DVT (early exit), {len(curve)} budgets")
     for label, x, y in budget_groups(curve):
@@ -132,11 +134,6 @@ def plot_curve(curve: list[dict], exits: dict, gflops: list[float], output_dir: 
         fig = draw_curve(curve, exits, gflops, title, backbone)
     except ImportError:
         return None
-    import matplotlib.pyplot as plt
-
     path = os.path.join(output_dir, "budget_curve.png")
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

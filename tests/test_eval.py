@@ -147,23 +147,18 @@ def test_plot_numbers_each_budget_and_keeps_every_label_inside_the_axes():
     curve = [{"expected_gflops": gflops, "top1": top1} for gflops, top1 in rows]
     exit_gflops = [0.0013, 0.0058, 0.011]  # the last exit is the rightmost point, its label the likeliest to clip
     fig = draw_curve(curve, {"top1": [52.4, 64.6, 51.0]}, exit_gflops, "t", backbone=(0.011, 66.0))
-    try:
-        ax = fig.axes[0]
-        np.testing.assert_array_equal(ax.lines[0].get_xdata(), [gflops for gflops, _ in rows])
-        labels = [text.get_text() for text in ax.texts]
-        assert labels == ["1", "2", "3-4", "exit 1", "exit 2", "exit 3"]
-        renderer = fig.canvas.get_renderer()
-        frame = ax.get_window_extent(renderer)
-        legend = ax.get_legend().get_window_extent(renderer)
-        for text in ax.texts:
-            box = text.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            assert inside, f"label {text.get_text()!r} at {box} leaves the axes {frame}"
-            assert not box.overlaps(legend), f"label {text.get_text()!r} lies under the legend"
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [gflops for gflops, _ in rows])
+    labels = [text.get_text() for text in ax.texts]
+    assert labels == ["1", "2", "3-4", "exit 1", "exit 2", "exit 3"]
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend().get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert inside, f"label {text.get_text()!r} at {box} leaves the axes {frame}"
+        assert not box.overlaps(legend), f"label {text.get_text()!r} lies under the legend"
 
 
 def test_plot_without_matplotlib_says_how(monkeypatch, tmp_path):
