@@ -272,19 +272,43 @@ def test_corrupt_image_skipped_and_counted(tmp_path, processes):
     assert val.skipped == {bad}
 
 
+def content_boxes(images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """First and last non-black row and column of each HWC image."""
+    def extent(mask):
+        return mask.argmax(1), mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
+    ink = images.max(axis=-1) > 0
+    return (*extent(ink.any(2)), *extent(ink.any(1)))
+
+
 def test_demo_digits_split():
     train_images, train_labels = demo_digits("train")
     val_images, val_labels = demo_digits("val")
-    assert len(train_labels) + len(val_labels) == 1797
-    assert len(val_labels) == 359
+    assert len(train_labels) == 3 * 1438 and len(val_labels) == 3 * 359  # 1,797 digits, 80/20, drawn 3 times
     assert train_images.shape[1:] == (32, 32, 3) and train_images.dtype == np.uint8
     assert set(np.unique(val_labels)) == set(range(10))
+    # the three draws of a digit carry its label
+    np.testing.assert_array_equal(val_labels.reshape(3, 359), np.tile(val_labels[:359], (3, 1)))
     # disjoint: no validation image appears in training
     train_set = {img.tobytes() for img in train_images}
     overlap = sum(img.tobytes() in train_set for img in val_images)
     assert overlap <= 2  # the digits set itself holds a few exact duplicates
     again, _ = demo_digits("val")
     np.testing.assert_array_equal(again, val_images)
+
+
+def test_demo_digits_are_small_or_large_near_the_centre():
+    images, _ = demo_digits("train")
+    top, bottom, left, right = content_boxes(images)
+    side = np.maximum(bottom - top, right - left) + 1  # the drawn square: every digit touches two of its edges
+    small = side <= 13
+    assert np.all(side[small] >= 9) and np.all((side[~small] >= 20) & (side[~small] <= 32))
+    assert 0.45 < small.mean() < 0.55
+    # the square starts within 2 px of centred (and inside the canvas), so its ink stays within that reach
+    first = np.maximum((32 - side) // 2 - 2, 0)
+    last = np.minimum((32 - side) // 2 + 2 + side - 1, 31)
+    for start, end in ((top, bottom), (left, right)):
+        assert np.all(start >= first) and np.all(end <= last)
+    assert top[small].min() >= 7 and bottom[small].max() <= 23  # a small digit never nears an edge
 
 
 def test_cifar10_binary(tmp_path):

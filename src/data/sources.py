@@ -20,6 +20,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 DEMO_IMAGE_SIDE = 32
 DEMO_VAL_FRACTION = 0.2
 DEMO_SPLIT_SEED = 0
+DEMO_DRAWS = 3  # each digit is drawn this many times, each at its own size and place
+DEMO_SIZES = ((9, 13), (20, 32))  # small (about the digits' own 8 px) or large, in pixels, half and half
+DEMO_MAX_SHIFT = 2  # pixels the digit's box may move from the canvas centre
+DEMO_DRAW_SEEDS = {"train": 1, "val": 2}
 
 
 class DataError(ValueError):
@@ -109,9 +113,12 @@ class ArraySource:
 
 
 def demo_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), as 32x32 RGB, split 80/20.
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), split 80/20, drawn on 32x32 black canvases.
 
-    The split is a fixed permutation, so train and val never share an image on any machine.
+    The split is a fixed permutation, so train and val never share a digit on any machine. Each digit is drawn
+    DEMO_DRAWS times, each time resized (bilinear) to a square of a random side: small (9-13 px, near the digits'
+    own resolution) or large (20-32 px) with equal odds, near the centre. Coarse tokens read the large digits
+    but miss the small ones, which is the case for DVT's finer exits (README, "The demo").
     """
     try:
         from sklearn.datasets import load_digits
@@ -122,10 +129,18 @@ def demo_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     num_val = int(round(len(order) * DEMO_VAL_FRACTION))
     chosen = order[num_val:] if split == "train" else order[:num_val]
     grey = np.round(digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
-    images = np.stack([
-        np.asarray(Image.fromarray(img).resize((DEMO_IMAGE_SIDE, DEMO_IMAGE_SIDE), Image.BILINEAR))
-        for img in grey])
-    return np.repeat(images[..., None], 3, axis=-1), digits.target[chosen].astype(np.int32)
+    rng = np.random.default_rng(DEMO_DRAW_SEEDS[split])
+    canvases = np.zeros((DEMO_DRAWS, len(chosen), DEMO_IMAGE_SIDE, DEMO_IMAGE_SIDE), np.uint8)
+    for draw in canvases:
+        for canvas, digit in zip(draw, grey, strict=True):
+            low, high = DEMO_SIZES[rng.integers(len(DEMO_SIZES))]
+            side = int(rng.integers(low, high + 1))
+            free = DEMO_IMAGE_SIDE - side
+            top, left = np.clip(free // 2 + rng.integers(-DEMO_MAX_SHIFT, DEMO_MAX_SHIFT + 1, size=2), 0, free)
+            canvas[top:top + side, left:left + side] = Image.fromarray(digit).resize((side, side), Image.BILINEAR)
+    images = canvases.reshape(-1, DEMO_IMAGE_SIDE, DEMO_IMAGE_SIDE)
+    labels = np.tile(digits.target[chosen].astype(np.int32), DEMO_DRAWS)
+    return np.repeat(images[..., None], 3, axis=-1), labels
 
 
 CIFAR_FILES = {
