@@ -159,3 +159,20 @@ def test_every_trainable_parameter_gets_a_gradient(name, extra):
     assert not [n for n, g in grads.items() if not np.isfinite(g).all()]
     zero = sorted(n for n, g in grads.items() if not np.abs(g).max() > 0)
     assert zero == sorted(n for n in grads if unread and n.startswith(unread))
+
+
+def test_reuse_mlp_bias_add_equals_numpy_in_process_and_in_the_export_form():
+    """The in-process BiasAdd and the exported plain Add give w @ x + b; export_forms switches and restores it."""
+    from src.models.layers import export_forms
+    from src.models.reuse import PointwiseMlp
+
+    layer = PointwiseMlp(5, 7)
+    x = np.random.default_rng(0).normal(size=(3, 5, 11)).astype(np.float32)
+    expected = layer.weight.asnumpy() @ x + layer.bias.asnumpy()  # (7, 5) @ (3, 5, 11) + (7, 1)
+    in_process = layer(ms.Tensor(x)).asnumpy()
+    with export_forms(layer):
+        assert layer.broadcast_bias is True
+        exported = layer(ms.Tensor(x)).asnumpy()
+    assert layer.broadcast_bias is False
+    np.testing.assert_allclose(in_process, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(exported, expected, rtol=0, atol=1e-5)

@@ -98,14 +98,18 @@ def use_stock_ops(net: nn.Cell) -> None:
 @contextmanager
 def export_forms(net: nn.Cell, portable: bool = False) -> Iterator[nn.Cell]:
     """Within the block, `net` runs MindSpore's own LayerNorm and GELU (an exported file must not need our kernel
-    library) and, with `portable`, the forms MindSpore's ONNX exporter can write (LayerNorm, GELU, the soft split,
-    padding; the soft split's gather trains slower); on leaving it, every cell is as it was."""
+    library), the reuse MLP's bias as a broadcast Add (`broadcast_bias`, src/models/reuse.py) and, with `portable`, the
+    forms MindSpore's ONNX exporter can write (LayerNorm, GELU, the soft split, padding; the soft split's gather
+    trains slower); on leaving it, every cell is as it was."""
     cells = [cell for _, cell in net.cells_and_names()]
     kernels = [(cell, cell.fast_kernel) for cell in cells if isinstance(cell, (LayerNorm, GELU))]
     forms = [(cell, cell.portable) for cell in cells if hasattr(cell, "portable")]
+    biases = [(cell, cell.broadcast_bias) for cell in cells if hasattr(cell, "broadcast_bias")]
     use_stock_ops(net)
     for cell, _ in forms:
         cell.portable = portable
+    for cell, _ in biases:
+        cell.broadcast_bias = True
     try:
         yield net
     finally:
@@ -113,6 +117,8 @@ def export_forms(net: nn.Cell, portable: bool = False) -> Iterator[nn.Cell]:
             cell.fast_kernel = kernel
         for cell, form in forms:
             cell.portable = form
+        for cell, broadcast in biases:
+            cell.broadcast_bias = broadcast
 
 
 def layer_norm(width: int, eps: float) -> LayerNorm:

@@ -66,15 +66,26 @@ class FeatureReuse(nn.Cell):
 
 
 class PointwiseMlp(nn.Cell):
-    """A 1x1 conv layer on (B, C, H, W) computed as a channel matmul; weight (out, in) as a Dense."""
+    """A 1x1 conv layer on (B, C, H, W) computed as a channel matmul; weight (out, in) as a Dense.
+
+    The bias goes in with BiasAdd: MindSpore's CPU Add broadcasts a (out, 1) bias through per-element index
+    tables of 16 bytes per output element, kept with the compiled graph (about 0.14 GB of T2T-ViT-12's peak at
+    micro-batch 4; README, "Speed"). Exported files add it as (out, 1), as before (`broadcast_bias`, set by
+    `export_forms`): MindSpore's ONNX exporter writes BiasAdd of a 3-D input as an Add on the last axis, which is
+    wrong here, and the exported graphs stay those already checked on their runtimes.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.weight = Parameter(torch_default_uniform((out_channels, in_channels), in_channels), name="weight")
         self.bias = Parameter(torch_default_uniform((out_channels, 1), in_channels), name="bias")
+        self.broadcast_bias = False
 
     def construct(self, x):
-        return ops.matmul(self.weight, x.astype(self.weight.dtype)) + self.bias
+        out = ops.matmul(self.weight, x.astype(self.weight.dtype))
+        if self.broadcast_bias:
+            return out + self.bias
+        return ops.bias_add(out, self.bias.reshape(-1).astype(out.dtype))
 
 
 class RelationReuse(nn.Cell):
