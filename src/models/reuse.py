@@ -83,7 +83,7 @@ class PointwiseMlp(nn.Cell):
 
     def construct(self, x):
         out = ops.matmul(self.weight, x.astype(self.weight.dtype))
-        if self.broadcast_bias:
+        if self.broadcast_bias or self.training:  # training keeps the Add: its gradient sums as before
             return out + self.bias
         return ops.bias_add(out, self.bias.reshape(-1).astype(out.dtype))
 
