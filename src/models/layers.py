@@ -101,24 +101,16 @@ def export_forms(net: nn.Cell, portable: bool = False) -> Iterator[nn.Cell]:
     library), the reuse MLP's bias as a broadcast Add (`broadcast_bias`, src/models/reuse.py) and, with `portable`, the
     forms MindSpore's ONNX exporter can write (LayerNorm, GELU, the soft split, padding; the soft split's gather
     trains slower); on leaving it, every cell is as it was."""
-    cells = [cell for _, cell in net.cells_and_names()]
-    kernels = [(cell, cell.fast_kernel) for cell in cells if isinstance(cell, (LayerNorm, GELU))]
-    forms = [(cell, cell.portable) for cell in cells if hasattr(cell, "portable")]
-    biases = [(cell, cell.broadcast_bias) for cell in cells if hasattr(cell, "broadcast_bias")]
-    use_stock_ops(net)
-    for cell, _ in forms:
-        cell.portable = portable
-    for cell, _ in biases:
-        cell.broadcast_bias = True
+    forms = {"fast_kernel": None, "portable": portable, "broadcast_bias": True}  # fast_kernel None: stock ops
+    saved = [(cell, name, getattr(cell, name)) for _, cell in net.cells_and_names()
+             for name in forms if hasattr(cell, name)]
+    for cell, name, _ in saved:
+        setattr(cell, name, forms[name])
     try:
         yield net
     finally:
-        for cell, kernel in kernels:
-            cell.fast_kernel = kernel
-        for cell, form in forms:
-            cell.portable = form
-        for cell, broadcast in biases:
-            cell.broadcast_bias = broadcast
+        for cell, name, value in saved:
+            setattr(cell, name, value)
 
 
 def layer_norm(width: int, eps: float) -> LayerNorm:

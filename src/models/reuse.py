@@ -68,11 +68,12 @@ class FeatureReuse(nn.Cell):
 class PointwiseMlp(nn.Cell):
     """A 1x1 conv layer on (B, C, H, W) computed as a channel matmul; weight (out, in) as a Dense.
 
-    The bias goes in with BiasAdd: MindSpore's CPU Add broadcasts a (out, 1) bias through per-element index
-    tables of 16 bytes per output element, kept with the compiled graph (about 0.14 GB of T2T-ViT-12's peak at
-    micro-batch 4; README, "Speed"). Exported files add it as (out, 1), as before (`broadcast_bias`, set by
-    `export_forms`): MindSpore's ONNX exporter writes BiasAdd of a 3-D input as an Add on the last axis, which is
-    wrong here, and the exported graphs stay those already checked on their runtimes.
+    In inference the bias goes in with BiasAdd: MindSpore's CPU Add broadcasts a (out, 1) bias through
+    per-element index tables of 16 bytes per output element, kept with the compiled graph (about 0.14 GB of
+    T2T-ViT-12's peak at micro-batch 4; README, "Speed"). Exported files add it as (out, 1), as before
+    (`broadcast_bias`, set by `export_forms`): MindSpore's ONNX exporter writes BiasAdd of a 3-D input as an Add
+    on the last axis, which is wrong here. Training keeps the Add too: with BiasAdd, gradient accumulation no
+    longer equalled the large batch to 1e-6 (tests/test_train.py).
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -83,7 +84,7 @@ class PointwiseMlp(nn.Cell):
 
     def construct(self, x):
         out = ops.matmul(self.weight, x.astype(self.weight.dtype))
-        if self.broadcast_bias or self.training:  # training keeps the Add: its gradient sums as before
+        if self.broadcast_bias or self.training:
             return out + self.bias
         return ops.bias_add(out, self.bias.reshape(-1).astype(out.dtype))
 
