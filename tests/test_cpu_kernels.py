@@ -1,4 +1,5 @@
-"""The AOT CPU kernels for LayerNorm and erf GELU: NumPy's numbers, used only where they may be, a safe fallback."""
+"""The AOT CPU kernels (LayerNorm, erf GELU, head permutations, token resampling): NumPy's numbers, used only where
+they may be, a safe fallback."""
 
 import os
 
@@ -9,7 +10,9 @@ from scipy.special import erf
 
 from src import native
 from src.models import cpu_kernels
-from src.models.layers import GELU, LayerNorm, use_stock_ops
+from src.models.layers import GELU, HeadPermute, LayerNorm, use_stock_ops
+from src.models.reuse import TokenResample, sparse_rows, token_resample_matrix
+from src.models.tokenizers import TokenPerformer
 
 
 @pytest.fixture
@@ -51,6 +54,66 @@ def test_layer_norm_kernel_equals_numpy(shape, eps):
     mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
     want = (x64 - mean) / np.sqrt(var + eps) * fast.gamma.asnumpy() + fast.beta.asnumpy()
     np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("perm,shape", [((2, 0, 3, 1, 4), (2, 5, 3, 4, 8)), ((0, 2, 1, 3), (3, 4, 7, 16))])
+def test_head_permute_kernel_equals_numpy_transpose(perm, shape):
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    fast, stock = eval_cell(HeadPermute(perm)), eval_cell(HeadPermute(perm))
+    assert fast.fast_kernel is not None
+    use_stock_ops(stock)
+    np.testing.assert_array_equal(fast(ms.Tensor(x)).asnumpy(), np.transpose(x, perm))  # a copy: bit for bit
+    np.testing.assert_array_equal(stock(ms.Tensor(x)).asnumpy(), np.transpose(x, perm))
+
+
+def test_sparse_rows_hold_every_non_zero_of_the_resample_matrix():
+    matrix = token_resample_matrix(10, 14, keep_cls=True)
+    index, weight = sparse_rows(matrix)
+    rebuilt = np.zeros_like(matrix)
+    for row in range(matrix.shape[0]):
+        np.add.at(rebuilt[row], index[row], weight[row])
+    np.testing.assert_array_equal(rebuilt, matrix)
+    assert index.shape == (197, 4)  # nearest x2 then pooling 20 -> 14 touches at most 2 x 2 source cells
+
+
+@pytest.mark.parametrize("src,dst,keep_cls,pairs", [(7, 10, True, True), (10, 14, True, True), (7, 14, True, True),
+                                                    (10, 14, False, False), (2, 3, False, False)])
+def test_token_resample_kernel_equals_the_dense_matrix_in_float64(src, dst, keep_cls, pairs):
+    matrix = token_resample_matrix(src, dst, keep_cls)
+    rng = np.random.default_rng(4)
+    shape = (2, 3, src * src + 1, src * src + 1) if pairs else (2, src * src + 1, 5)
+    x = rng.normal(size=shape).astype(np.float32)
+    m = matrix.astype(np.float64)
+    want = m @ x @ m.T if pairs else m @ x
+    fast, stock = eval_cell(TokenResample(matrix, pairs)), eval_cell(TokenResample(matrix, pairs))
+    assert fast.fast_kernel is not None
+    use_stock_ops(stock)
+    np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_performer_kernels_equal_the_float64_formula():
+    """phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(m) and y / (normaliser + 1e-8), fused in kernels, against NumPy."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 30, 12)).astype(np.float32)  # tokens of width 12
+    z = rng.normal(size=(2, 30, 8)).astype(np.float32)  # keys / queries of width 8
+    fast, stock = eval_cell(TokenPerformer(12, 8, 1e-5)), eval_cell(TokenPerformer(12, 8, 1e-5))
+    assert fast.fast_kernel is not None and fast.divide_rows is not None
+    use_stock_ops(stock)
+    ms.load_param_into_net(stock, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in fast.get_parameters()})
+    k, w = z.astype(np.float64), fast.w.asnumpy().astype(np.float64)
+
+    def phi(z):
+        return np.exp(z @ w.T - (z * z).sum(-1, keepdims=True) / 2) / np.sqrt(w.shape[0])
+
+    y = np.einsum("btm,bem->bte", phi(k), np.einsum("bte,btm->bem", k, phi(k)))
+    normaliser = phi(k) @ phi(k).sum(1)[..., None]
+    want_features, want_divided = phi(k), y / (normaliser + 1e-8)
+    np.testing.assert_allclose(fast.random_features(ms.Tensor(z)).asnumpy(), want_features, rtol=1e-5, atol=1e-6)
+    divided = fast.divide_rows(ms.Tensor(y.astype(np.float32)), ms.Tensor(normaliser.astype(np.float32)),
+                               fast.epsilon_tensor)
+    np.testing.assert_allclose(divided.asnumpy(), want_divided, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), stock(ms.Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_training_uses_mindspore_ops_so_gradients_exist():

@@ -1,6 +1,7 @@
-// LayerNorm over the last axis and erf GELU (fp32 inference), and the keyed dropout masks (training), for
-// MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
-// stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
+// LayerNorm over the last axis, erf GELU, attention's head permutations and the reuse paths' token resampling
+// (fp32 inference), and the keyed dropout masks (training), for MindSpore's CPU backend as AOT custom ops (the
+// `extern "C" int Func(nparam, params, ndims, shapes, dtypes, stream, extra)` interface). float32 only; the
+// Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
 // vectorised erff (libmvec), which is most of the gain for GELU.
 // Work is split over short-lived std::threads rather than OpenMP: libgomp's threads spin after each kernel
@@ -115,6 +116,176 @@ extern "C" int LayerNormLastAxis(int nparam, void **params, int *ndims, int64_t 
       }
       const float scale = 1.0f / std::sqrt(squares / static_cast<float>(width) + epsilon);
       for (int64_t i = 0; i < width; ++i) out[i] = (row[i] - mean) * scale * gamma[i] + beta[i];
+    }
+  });
+  return 0;
+}
+
+// Attention's head permutations (fp32 inference), copies of head_dim-float rows without the per-element
+// offset table that MindSpore's CPU Transpose builds and keeps for a constant perm (8 bytes per element).
+// params: qkv [B, N, 3, H, hd], out [3, B, H, N, hd]
+extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 2 || ndims[0] != 5) return 1;
+  const float *qkv = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  const int64_t batch = shapes[0][0], tokens = shapes[0][1], parts = shapes[0][2], heads = shapes[0][3];
+  const int64_t width = shapes[0][4];
+  ParallelFor(batch * tokens, parts * heads * width, [=](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t b = row / tokens, n = row % tokens;
+      for (int64_t s = 0; s < parts; ++s) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const float *from = qkv + ((row * parts + s) * heads + h) * width;
+          std::memcpy(out + (((s * batch + b) * heads + h) * tokens + n) * width, from, width * sizeof(float));
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// params: x [B, H, N, hd], out [B, N, H, hd]
+extern "C" int MergeHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 2 || ndims[0] != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], tokens = shapes[0][2], width = shapes[0][3];
+  ParallelFor(batch * tokens, heads * width, [=](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t b = row / tokens, n = row % tokens;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(out + row * heads * width + h * width, x + ((b * heads + h) * tokens + n) * width,
+                    width * sizeof(float));
+      }
+    }
+  });
+  return 0;
+}
+
+// The T2T performer's per-token scalars (fp32 inference), fused so that no (B, T, 1) operand is broadcast: MindSpore's
+// CPU broadcast arithmetic keeps two 8-byte index tables per output element with the compiled graph.
+// params: projections x w^T [..., m], x [..., emb], scale [1], out [..., m] = exp(x w^T - |x|^2 / 2) * scale
+extern "C" int PerformerFeatures(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *projections = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t features = shapes[0][ndims[0] - 1], width = shapes[1][ndims[1] - 1];
+  const int64_t rows = ElementCount(ndims[0], shapes[0]) / features;
+  ParallelFor(rows, features + width, [=](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float *token = x + r * width;
+      float squares = 0.0f;
+      for (int64_t i = 0; i < width; ++i) squares += token[i] * token[i];
+      const float half = squares / 2.0f;
+#pragma omp simd
+      for (int64_t i = 0; i < features; ++i) {
+        out[r * features + i] = std::exp(projections[r * features + i] - half) * scale;
+      }
+    }
+  });
+  return 0;
+}
+
+// params: y [..., W], normaliser [..., 1], epsilon [1], out [..., W] = y / (normaliser + epsilon)
+extern "C" int DivideRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *y = static_cast<const float *>(params[0]);
+  const float *normaliser = static_cast<const float *>(params[1]);
+  const float epsilon = *static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = ElementCount(ndims[0], shapes[0]) / width;
+  ParallelFor(rows, width, [=](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float divisor = normaliser[r] + epsilon;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[r * width + i] = y[r * width + i] / divisor;
+    }
+  });
+  return 0;
+}
+
+// Token-grid resampling (fp32 inference): the reuse paths' resample matrices have at most a few non-zeros per
+// row (nearest x2, then adaptive average pooling), given here as `index` and `weight` [Nd, K] (weight 0 pads).
+// A dense matmul by them does about 25x the multiply-adds for 10x10 -> 14x14.
+namespace {
+
+struct SparseRows {
+  const int32_t *index;
+  const float *weight;
+  int64_t rows, per_row;
+};
+
+SparseRows ReadSparseRows(void **params, int64_t **shapes) {
+  return {static_cast<const int32_t *>(params[1]), static_cast<const float *>(params[2]), shapes[1][0],
+          shapes[1][1]};
+}
+
+// out[i, :] = sum_k weight[i, k] * x[index[i, k], :] for rows of `width` floats.
+void ResampleRowsOf(const SparseRows &m, const float *x, int64_t width, float *out) {
+  for (int64_t i = 0; i < m.rows; ++i) {
+    float *row = out + i * width;
+    std::fill(row, row + width, 0.0f);
+    for (int64_t k = 0; k < m.per_row; ++k) {
+      const float w = m.weight[i * m.per_row + k];
+      const float *from = x + static_cast<int64_t>(m.index[i * m.per_row + k]) * width;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) row[j] += w * from[j];
+    }
+  }
+}
+
+// out [columns, rows] = in [rows, columns]^T
+void Transpose(const float *in, int64_t rows, int64_t columns, float *out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < columns; ++j) out[j * rows + i] = in[i * columns + j];
+  }
+}
+
+}  // namespace
+
+// params: x [..., Ns, W], index [Nd, K] int32, weight [Nd, K], out [..., Nd, W]
+extern "C" int ResampleTokens(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[3]);
+  const SparseRows m = ReadSparseRows(params, shapes);
+  const int64_t width = shapes[0][ndims[0] - 1], src = shapes[0][ndims[0] - 2];
+  const int64_t maps = ElementCount(ndims[0], shapes[0]) / (src * width);
+  ParallelFor(maps, m.rows * m.per_row * width, [=](int64_t first, int64_t last) {
+    for (int64_t map = first; map < last; ++map) {
+      ResampleRowsOf(m, x + map * src * width, width, out + map * m.rows * width);
+    }
+  });
+  return 0;
+}
+
+// Both token axes of [..., Ns, Ns] maps: out = R x R^T, R the sparse [Nd, Ns].
+// params: x [..., Ns, Ns], index [Nd, K] int32, weight [Nd, K], out [..., Nd, Nd]
+extern "C" int ResampleTokenPairs(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[3]);
+  const SparseRows m = ReadSparseRows(params, shapes);
+  const int64_t src = shapes[0][ndims[0] - 1], dst = m.rows;
+  const int64_t maps = ElementCount(ndims[0], shapes[0]) / (src * src);
+  ParallelFor(maps, 2 * dst * dst * m.per_row, [=](int64_t first, int64_t last) {
+    // Two passes of contiguous row sums, R x^T then R (R x^T)^T = R x R^T; the transposes between them are of
+    // maps small enough for the cache, and cheaper than gathering R^T's columns element by element.
+    std::vector<float> transposed_x(src * src), rows(dst * src), transposed_rows(src * dst);
+    for (int64_t map = first; map < last; ++map) {
+      Transpose(x + map * src * src, src, src, transposed_x.data());
+      ResampleRowsOf(m, transposed_x.data(), src, rows.data());
+      Transpose(rows.data(), dst, src, transposed_rows.data());
+      ResampleRowsOf(m, transposed_rows.data(), dst, out + map * dst * dst);
     }
   });
   return 0;

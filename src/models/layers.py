@@ -89,9 +89,10 @@ class GELU(nn.GELU):
 
 
 def use_stock_ops(net: nn.Cell) -> None:
-    """Switch `net` to MindSpore's own LayerNorm and GELU, e.g. before export: MindIR files must not need our .so."""
+    """Switch `net` to MindSpore's own ops where it has our kernels, e.g. before export (MindIR files must not
+    need our .so) or for dynamic shapes (the kernels' output shapes are fixed at compile time)."""
     for _, cell in net.cells_and_names():
-        if isinstance(cell, (LayerNorm, GELU)):
+        if hasattr(cell, "fast_kernel"):
             cell.fast_kernel = None
 
 
@@ -141,6 +142,27 @@ class Mlp(nn.Cell):
         return self.drop(self.fc2(x))
 
 
+class HeadPermute(nn.Cell):
+    """A constant transpose of attention's heads; fp32 CPU inference runs it as a row-copy kernel.
+
+    MindSpore's CPU Transpose keeps a table of one 8-byte offset per output element for a constant perm: about
+    0.16 GB of T2T-ViT-12's peak at micro-batch 4 over the q/k/v split and the head merge (README, "Speed").
+    """
+
+    KERNELS = {(2, 0, 3, 1, 4): "SplitHeads", (0, 2, 1, 3): "MergeHeads"}
+
+    def __init__(self, perm: tuple[int, ...]):
+        super().__init__()
+        self.perm = perm
+        self.fast_kernel = cpu_kernels.custom_op(self.KERNELS[perm],
+                                                 out_shape=lambda shape: [shape[axis] for axis in perm])
+
+    def construct(self, x):
+        if self.fast_kernel is None or self.training or x.dtype != ms.float32:
+            return x.transpose(self.perm)
+        return self.fast_kernel(x)
+
+
 class Attention(nn.Cell):
     """Multi-head self-attention that returns its pre-softmax logits and accepts an additive logit bias.
 
@@ -156,7 +178,9 @@ class Attention(nn.Cell):
         self.dim = dim
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
+        self.split_heads = HeadPermute((2, 0, 3, 1, 4))  # (B, N, 3, H, hd) -> (3, B, H, N, hd)
         self.attn_drop = Dropout(attn_drop)
+        self.merge_heads = HeadPermute((0, 2, 1, 3))  # (B, H, N, hd) -> (B, N, H, hd)
         self.proj = dense(dim, dim)
         self.proj_drop = Dropout(proj_drop)
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
@@ -164,8 +188,7 @@ class Attention(nn.Cell):
         self.q_index, self.k_index, self.v_index = (Tensor(index, ms.int32) for index in range(3))  # along qkv's axis 0
 
     def construct(self, x, logit_bias=None):
-        qkv = self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        qkv = self.split_heads(self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim))
         # gather, not qkv[0] / qkv[1] / qkv[2]: MindSpore's CPU StridedSlice took 43% of a T2T-ViT-12 cascade's
         # op time here, gather a tenth of that, with the same values (README, "Speed"); ONNX export has no Unstack
         q = ops.gather(qkv, self.q_index, 0)
@@ -176,7 +199,7 @@ class Attention(nn.Cell):
         if logit_bias is not None:
             logits = logits + logit_bias.astype(ms.float32)
         attn = self.attn_drop(ops.softmax(logits, -1).astype(v.dtype))
-        out = self.av_matmul(attn, v).transpose(0, 2, 1, 3).reshape(-1, self.num_tokens, self.dim)
+        out = self.merge_heads(self.av_matmul(attn, v)).reshape(-1, self.num_tokens, self.dim)
         return self.proj_drop(self.proj(out)), logits
 
 
