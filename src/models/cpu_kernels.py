@@ -1,11 +1,14 @@
-"""CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; reproducible dropout masks.
+"""CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; attention's head
+permutations, the reuse paths' sparse resampling and the performer's per-token scalars, where MindSpore's CPU ops
+keep per-element index tables or do dense work; reproducible dropout masks.
 
 MindSpore's CPU LayerNorm and erf GELU take about 22x and 23-45x torch's time (measured beside torch 2.13 on
 the same machine); they are about 10% and 20% of a DVT forward here. `cpu_kernels.cc` implements both as AOT
-custom ops (vectorised, split over the usable cores), and the keyed dropout masks of `dropout.py`. It is built
-once per machine and cached (`src/native.py`). LayerNorm and GELU serve fp32 inference on CPU only: training,
-other devices, other dtypes and exported MindIR use MindSpore's own ops. `DVT_CPU_KERNELS=0` turns them all off;
-without a compiler, or if the build fails, MindSpore's ops run and a warning says why.
+custom ops (vectorised, split over the usable cores), the other inference kernels, and the keyed dropout masks
+of `dropout.py`. It is built once per machine and cached (`src/native.py`). The inference kernels serve fp32
+inference on CPU only: training, other devices, other dtypes and exported MindIR use MindSpore's own ops.
+`DVT_CPU_KERNELS=0` turns them all off; without a compiler, or if the build fails, MindSpore's ops run and a
+warning says why.
 """
 
 from __future__ import annotations
