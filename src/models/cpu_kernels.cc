@@ -1,7 +1,7 @@
-// LayerNorm over the last axis, erf GELU, attention's head permutations and the reuse paths' token resampling
-// (fp32 inference), and the keyed dropout masks (training), for MindSpore's CPU backend as AOT custom ops (the
-// `extern "C" int Func(nparam, params, ndims, shapes, dtypes, stream, extra)` interface). float32 only; the
-// Python side uses MindSpore's own ops otherwise.
+// LayerNorm over the last axis, erf GELU, attention's head permutations, the T2T performer's per-token scalars
+// and the reuse paths' token resampling (fp32 inference), and the keyed dropout masks (training), for
+// MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
+// stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
 // vectorised erff (libmvec), which is most of the gain for GELU.
 // Work is split over short-lived std::threads rather than OpenMP: libgomp's threads spin after each kernel
@@ -164,8 +164,8 @@ extern "C" int MergeHeads(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// The T2T performer's per-token scalars (fp32 inference), fused so that no (B, T, 1) operand is broadcast: MindSpore's
-// CPU broadcast arithmetic keeps two 8-byte index tables per output element with the compiled graph.
+// The T2T performer's per-token scalars (fp32 inference), fused so that no (B, T, 1) operand is broadcast:
+// MindSpore's CPU broadcast arithmetic keeps two 8-byte index tables per output element with the compiled graph.
 // params: projections x w^T [..., m], x [..., emb], scale [1], out [..., m] = exp(x w^T - |x|^2 / 2) * scale
 extern "C" int PerformerFeatures(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
