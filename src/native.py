@@ -7,12 +7,14 @@ build fails, the pure Python or MindSpore path runs and a warning says why.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 
 SWITCH = "DVT_CPU_KERNELS"
 CACHE_DIR = "DVT_KERNEL_DIR"
@@ -67,3 +69,19 @@ def build_library(source: str, flags: tuple[str, ...], stem: str, what: str, fal
         if os.path.exists(partial):
             os.remove(partial)
     return target
+
+
+def checked_function(source: str, flags: tuple[str, ...], stem: str, what: str, fallback: str, symbol: str,
+                     argtypes: list, agrees: Callable[[ctypes._CFuncPtr], bool], reference: str):
+    """The int-returning C function `symbol` of the library built from `source` (`build_library`), used only where
+    `agrees(function)` holds on its probes; None, with a warning that names `reference`, where it does not."""
+    path = build_library(source, flags, stem, what, fallback)
+    if path is None:
+        return None
+    function = getattr(ctypes.CDLL(path), symbol)
+    function.restype = ctypes.c_int
+    function.argtypes = argtypes
+    if not agrees(function):
+        warnings.warn(f"{what} differs from {reference} on its probes: {fallback}", stacklevel=3)
+        return None
+    return function

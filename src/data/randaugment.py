@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from . import affine
+
 MAX_MAGNITUDE = 10.0
 IMAGENET_MEAN_FILL = (124, 116, 104)
 INCREASING_OPS: tuple[str, ...] = (
@@ -47,13 +49,15 @@ def _resample(rng: np.random.Generator) -> Image.Resampling:
     return _RESAMPLE[int(rng.integers(len(_RESAMPLE)))]
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...], fill: Fill, rng: np.random.Generator) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=_resample(rng), fillcolor=fill)
+def _affine(img: Image.Image, matrix: affine.Matrix, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    """`img.transform(img.size, AFFINE, matrix, resample, fillcolor=fill)`, computed by `affine.py`."""
+    return Image.fromarray(affine.transform(np.asarray(img), matrix, _resample(rng), fill))
 
 
 def _rotate(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
+    """`img.rotate(degrees, resample, fillcolor=fill)`, computed by `affine.py`."""
     degrees = _signed(_level(magnitude, 30.0), rng)
-    return img.rotate(degrees, resample=_resample(rng), fillcolor=fill)
+    return Image.fromarray(affine.rotate(np.asarray(img), degrees, _resample(rng), fill))
 
 
 def _shear_x(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import warnings
 
 import numpy as np
 import PIL
 from PIL import Image
 
-from ..native import build_library
+from ..native import checked_function
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resample.c")
 FLAGS = ("-x", "c", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")  # no FMA:
@@ -47,16 +46,9 @@ def _agrees_with_pillow(function) -> bool:
 
 @functools.cache
 def _resize_window():
-    path = build_library(SOURCE, FLAGS, "libdvt_resample", "the resampler", FALLBACK)
-    if path is None:
-        return None
-    function = ctypes.CDLL(path).dvt_resize_window
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 13 + [ctypes.c_void_p]
-    if not _agrees_with_pillow(function):
-        warnings.warn(f"the resampler differs from Pillow {PIL.__version__} on its probes: {FALLBACK}", stacklevel=2)
-        return None
-    return function
+    return checked_function(SOURCE, FLAGS, "libdvt_resample", "the resampler", FALLBACK, "dvt_resize_window",
+                            [ctypes.c_void_p] + [ctypes.c_int] * 13 + [ctypes.c_void_p], _agrees_with_pillow,
+                            f"Pillow {PIL.__version__}")
 
 
 def available() -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from . import resample
+from . import affine, resample
 from .randaugment import RandAugment, rand_augment_from_string
 
 PIL_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -94,6 +94,8 @@ class TrainTransform:
         self.normalise = Normalise(config["mean"], config["std"])
         self.erase_prob = config["re_prob"]
         resample.available()  # built (or found wanting) here, before the loader's workers start
+        if self.augment is not None:
+            affine.available()
 
     def __call__(self, image: Image.Image, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         """The transformed image, written into `out` (CHW float32) when given."""
