@@ -36,15 +36,19 @@ def test_transform_is_pillows_bit_for_bit(seed):
     shifts far enough out that the fill shows) and fill colours, both filters."""
     rng = np.random.default_rng(seed)
     filled = 0
-    for _ in range(120):
+    for case in range(120):
         image, fill = random_case(rng)
         height, width = image.shape[:2]
         spread = np.array([0.4, 0.4, width / 2, 0.4, 0.4, height / 2])
         matrix = tuple(float(v) for v in rng.normal(0.0, 1.0, 6) * spread + (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+        if case % 3:  # RandAugment's forms: shear or shift along one axis, so the other axis' fraction is 0
+            shear, shift = matrix[1], [matrix[2], float(round(matrix[2]))][case % 2]
+            matrix = (1.0, shear, shift, 0.0, 1.0, 0.0) if case % 3 == 1 else (1.0, 0.0, 0.0, shear, 1.0, shift)
         for interpolation in FILTERS:
-            ours = affine.transform(image, matrix, interpolation, fill)
-            np.testing.assert_array_equal(ours, pillow_transform(image, matrix, interpolation, fill),
-                                          err_msg=f"{image.shape} {matrix} {interpolation}")
+            expected = pillow_transform(image, matrix, interpolation, fill)
+            for source in (image, Image.fromarray(image)):  # a packed array, Pillow's own 4-byte storage
+                ours = affine.transform(source, matrix, interpolation, fill)
+                np.testing.assert_array_equal(ours, expected, err_msg=f"{image.shape} {matrix} {interpolation}")
             filled += int(np.all(ours == fill, axis=-1).any())
     assert filled > 50  # the fill path was taken often
 

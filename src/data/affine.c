@@ -49,30 +49,36 @@ static inline bands_d cubic(bands_d v1, bands_d v2, bands_d v3, bands_d v4, doub
     return p1 + d * (p2 + d * (p3 + d * p4));
 }
 
+/* At fraction 0 a cubic is its second sample and a line its first, exactly (p + 0 * finite = p, and no sample is
+   -0): shears and translations along one axis have fraction 0 along the other, so they skip that pass. */
 static inline bands_d cubic_row(const uint8_t *row, const int *xs, double d) {
+    if (d == 0.0) return load_bands(row + xs[1]);
     return cubic(load_bands(row + xs[0]), load_bands(row + xs[1]), load_bands(row + xs[2]), load_bands(row + xs[3]),
                  d);
 }
 
 static inline bands_d linear_row(const uint8_t *row, int x0, int x1, double d) {
     bands_d a = load_bands(row + x0);
+    if (d == 0.0) return a;
     return a + (load_bands(row + x1) - a) * d;
 }
 
-static void bilinear_pixel(const uint8_t *src, int stride, int width, int height, double xin, double yin,
+static void bilinear_pixel(const uint8_t *src, int stride, int step, int width, int height, double xin, double yin,
                            uint8_t *out) {
     xin -= 0.5;
     yin -= 0.5;
     int x = floor_int(xin), y = floor_int(yin);
     double dx = xin - x, dy = yin - y;
-    int x0 = clip_index(x, width) * CHANNELS, x1 = clip_index(x + 1, width) * CHANNELS;
+    int x0 = clip_index(x, width) * step, x1 = clip_index(x + 1, width) * step;
     bands_d v1 = linear_row(src + (size_t)clip_index(y, height) * stride, x0, x1, dx);
-    bands_d v2 = y + 1 >= 0 && y + 1 < height ? linear_row(src + (size_t)(y + 1) * stride, x0, x1, dx) : v1;
-    v1 = v1 + (v2 - v1) * dy;
+    if (dy != 0.0) {
+        bands_d v2 = y + 1 >= 0 && y + 1 < height ? linear_row(src + (size_t)(y + 1) * stride, x0, x1, dx) : v1;
+        v1 = v1 + (v2 - v1) * dy;
+    }
     for (int b = 0; b < CHANNELS; b++) out[b] = (uint8_t)v1[b];
 }
 
-static void bicubic_pixel(const uint8_t *src, int stride, int width, int height, double xin, double yin,
+static void bicubic_pixel(const uint8_t *src, int stride, int step, int width, int height, double xin, double yin,
                           uint8_t *out) {
     xin -= 0.5;
     yin -= 0.5;
@@ -81,23 +87,29 @@ static void bicubic_pixel(const uint8_t *src, int stride, int width, int height,
     x--;
     y--;
     int xs[4];
-    for (int i = 0; i < 4; i++) xs[i] = clip_index(x + i, width) * CHANNELS;
+    for (int i = 0; i < 4; i++) xs[i] = clip_index(x + i, width) * step;
     /* rows y..y+3: the first clipped into the image, each later one outside it repeats the one before */
-    bands_d v[4];
-    v[0] = cubic_row(src + (size_t)clip_index(y, height) * stride, xs, dx);
-    for (int i = 1; i < 4; i++)
-        v[i] = y + i >= 0 && y + i < height ? cubic_row(src + (size_t)(y + i) * stride, xs, dx) : v[i - 1];
-    bands_d value = cubic(v[0], v[1], v[2], v[3], dy);
+    bands_d value;
+    if (dy == 0.0) { /* the second row alone: yin - 0.5 is the integer y + 1 >= 0, inside the image */
+        value = cubic_row(src + (size_t)(y + 1) * stride, xs, dx);
+    } else {
+        bands_d v[4];
+        v[0] = cubic_row(src + (size_t)clip_index(y, height) * stride, xs, dx);
+        for (int i = 1; i < 4; i++)
+            v[i] = y + i >= 0 && y + i < height ? cubic_row(src + (size_t)(y + i) * stride, xs, dx) : v[i - 1];
+        value = cubic(v[0], v[1], v[2], v[3], dy);
+    }
     for (int b = 0; b < CHANNELS; b++) out[b] = value[b] <= 0.0 ? 0 : value[b] >= 255.0 ? 255 : (uint8_t)value[b];
 }
 
 /* `Image.transform((out_w, out_h), AFFINE, matrix, filter, fillcolor=fill)` of a row-major RGB image (width x
-   height, row stride `stride` bytes, readable one byte past its last pixel) into `dst` (out_h rows of out_w RGB
+   height, row stride `stride` bytes, pixels `step` = 3 or 4 bytes apart as Pillow stores RGB, readable one byte
+   past its last pixel) into `dst` (out_h rows of out_w RGB
    pixels, packed). Output pixel (x, y) samples the input at matrix . (x + 0.5, y + 0.5, 1); outside the input it
    keeps the fill colour. Returns 0, or -1 for a bad filter or size. */
-int dvt_affine_rgb(const uint8_t *src, int stride, int width, int height, const double *matrix, int filter,
+int dvt_affine_rgb(const uint8_t *src, int stride, int step, int width, int height, const double *matrix, int filter,
                    const uint8_t *fill, int out_w, int out_h, uint8_t *dst) {
-    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || width <= 0 || height <= 0 || out_w <= 0 ||
+    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 || height <= 0 || out_w <= 0 ||
         out_h <= 0)
         return -1;
     double a0 = matrix[0], a1 = matrix[1], a2 = matrix[2], a3 = matrix[3], a4 = matrix[4], a5 = matrix[5];
@@ -111,9 +123,9 @@ int dvt_affine_rgb(const uint8_t *src, int stride, int width, int height, const 
             if (xin < 0.0 || xin >= width || yin < 0.0 || yin >= height) {
                 memcpy(out, fill, CHANNELS);
             } else if (filter == FILTER_BILINEAR) {
-                bilinear_pixel(src, stride, width, height, xin, yin, out);
+                bilinear_pixel(src, stride, step, width, height, xin, yin, out);
             } else {
-                bicubic_pixel(src, stride, width, height, xin, yin, out);
+                bicubic_pixel(src, stride, step, width, height, xin, yin, out);
             }
         }
     }

@@ -18,6 +18,7 @@ import PIL
 from PIL import Image
 
 from ..native import checked_function
+from .pixels import Pixels, rgb_pixels
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "affine.c")
 FLAGS = ("-x", "c", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")  # no FMA:
@@ -48,21 +49,25 @@ def rotation_matrix(width: int, height: int, degrees: float) -> Matrix | None:
     return (a, b, c + centre_x, d, e, f + centre_y)
 
 
-def _pillow(image: np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
-    height, width = image.shape[:2]
-    return np.asarray(Image.fromarray(image).transform((width, height), Image.Transform.AFFINE, matrix,
-                                                       resample=interpolation, fillcolor=fill))
+def _pillow(image: Image.Image | np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return np.asarray(image.transform(image.size, Image.Transform.AFFINE, matrix, resample=interpolation,
+                                      fillcolor=fill))
 
 
-def _run(function, image: np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
-    height, width = image.shape[:2]
-    padded = np.empty(image.size + 1, np.uint8)  # affine.c reads each pixel as 4 bytes: one more after the last
-    padded[:-1] = image.reshape(-1)
-    out = np.empty_like(image)
+def _run(function, image: Image.Image | np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
+    source = rgb_pixels(image)  # Pillow's own 4-byte storage where it shares it: no copy
+    height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    if source.step == 3:  # affine.c reads each pixel as 4 bytes: one more byte after the last
+        padded = np.empty(height * source.stride + 1, np.uint8)
+        padded[:-1] = source.owner.reshape(-1)
+        source = Pixels(padded, padded.ctypes.data, source.stride, source.step)
+    out = np.empty((height, width, 3), np.uint8)
     coefficients = (ctypes.c_double * 6)(*matrix)
     colour = (ctypes.c_uint8 * 3)(*fill)
-    if function(padded.ctypes.data, 3 * width, width, height, coefficients, int(interpolation), colour, width,
-                height, out.ctypes.data):
+    if function(source.address, source.stride, source.step, width, height, coefficients, int(interpolation), colour,
+                width, height, out.ctypes.data):
         raise ValueError(f"cannot transform a {width}x{height} image with filter {interpolation}")
     return out
 
@@ -79,17 +84,18 @@ def _agrees_with_pillow(function) -> bool:
         else:
             rotated = {f: _pillow(image, matrix, f, (9, 8, 7)) for f in FILTERS}
         for interpolation in FILTERS:
-            if not np.array_equal(_run(function, image, matrix, interpolation, (9, 8, 7)), rotated[interpolation]):
-                return False
+            for source in (image, Image.fromarray(image)):  # a packed array, Pillow's 4-byte storage
+                if not np.array_equal(_run(function, source, matrix, interpolation, (9, 8, 7)), rotated[interpolation]):
+                    return False
     return True
 
 
 @functools.cache
 def _affine():
     return checked_function(SOURCE, FLAGS, "libdvt_affine", "the affine transform", FALLBACK, "dvt_affine_rgb",
-                            [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p], _agrees_with_pillow,
-                            f"Pillow {PIL.__version__}")
+                            [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+                            _agrees_with_pillow, f"Pillow {PIL.__version__}")
 
 
 def available() -> bool:
@@ -97,18 +103,22 @@ def available() -> bool:
     return _affine() is not None
 
 
-def transform(image: np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
-    """`Image.transform(size, AFFINE, matrix, interpolation, fillcolor=fill)` of an (h, w, 3) uint8 RGB array, as
-    a new array of the same size, bit for bit; `interpolation` is PIL's BILINEAR or BICUBIC."""
+def transform(image: Image.Image | np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
+    """`Image.transform(size, AFFINE, matrix, interpolation, fillcolor=fill)` of an RGB PIL image or (h, w, 3) uint8
+    array, as an array of the same size, bit for bit; `interpolation` is PIL's BILINEAR or BICUBIC."""
     function = _affine()
-    if function is None or interpolation not in FILTERS:
+    rgb = isinstance(image, np.ndarray) or image.mode == "RGB"
+    if function is None or not rgb or interpolation not in FILTERS:
         return _pillow(image, matrix, interpolation, fill)
     return _run(function, image, matrix, interpolation, fill)
 
 
-def rotate(image: np.ndarray, degrees: float, interpolation: int, fill: Fill) -> np.ndarray:
-    """`Image.rotate(degrees, interpolation, fillcolor=fill)` of an (h, w, 3) uint8 RGB array, bit for bit."""
-    matrix = rotation_matrix(image.shape[1], image.shape[0], degrees)
+def rotate(image: Image.Image | np.ndarray, degrees: float, interpolation: int, fill: Fill) -> np.ndarray:
+    """`Image.rotate(degrees, interpolation, fillcolor=fill)` of an RGB PIL image or (h, w, 3) uint8 array, as an
+    array, bit for bit."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    matrix = rotation_matrix(image.width, image.height, degrees)
     if matrix is None:
-        return np.asarray(Image.fromarray(image).rotate(degrees, resample=interpolation, fillcolor=fill))
+        return np.asarray(image.rotate(degrees, resample=interpolation, fillcolor=fill))
     return transform(image, matrix, interpolation, fill)

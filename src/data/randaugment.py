@@ -51,13 +51,13 @@ def _resample(rng: np.random.Generator) -> Image.Resampling:
 
 def _affine(img: Image.Image, matrix: affine.Matrix, fill: Fill, rng: np.random.Generator) -> Image.Image:
     """`img.transform(img.size, AFFINE, matrix, resample, fillcolor=fill)`, computed by `affine.py`."""
-    return Image.fromarray(affine.transform(np.asarray(img), matrix, _resample(rng), fill))
+    return Image.fromarray(affine.transform(img, matrix, _resample(rng), fill))
 
 
 def _rotate(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:
     """`img.rotate(degrees, resample, fillcolor=fill)`, computed by `affine.py`."""
     degrees = _signed(_level(magnitude, 30.0), rng)
-    return Image.fromarray(affine.rotate(np.asarray(img), degrees, _resample(rng), fill))
+    return Image.fromarray(affine.rotate(img, degrees, _resample(rng), fill))
 
 
 def _shear_x(img: Image.Image, magnitude: float, fill: Fill, rng: np.random.Generator) -> Image.Image:

@@ -77,21 +77,48 @@ static inline uint8_t clip8(int value) {
     return value < 0 ? 0 : value > 255 ? 255 : (uint8_t)value;
 }
 
-/* Horizontal pass: for each of `rows` rows (row r at src + r * src_stride), the outputs i = 0..count-1 from taps
-   (bounds relative to the row's start), written at dst + r * dst_stride. */
-static void horizontal(const uint8_t *src, size_t src_stride, int rows, int count, const int *bounds,
+#if defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
+
+/* The three channels of a 4-byte pixel (Pillow's RGBX storage) and its spare byte, as int32 lanes. */
+typedef int32_t pixel_sums __attribute__((vector_size(4 * sizeof(int32_t))));
+static inline pixel_sums load_rgbx(const uint8_t *pixel) {
+#if defined(__SSE4_1__)
+    int32_t word;
+    memcpy(&word, pixel, sizeof(word));
+    return (pixel_sums)_mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
+#else
+    typedef uint8_t bytes4 __attribute__((vector_size(4)));
+    bytes4 bytes;
+    memcpy(&bytes, pixel, sizeof(bytes));
+    return __builtin_convertvector(bytes, pixel_sums);
+#endif
+}
+
+/* Horizontal pass: for each of `rows` rows (row r at src + r * src_stride, pixels `step` = 3 or 4 bytes apart),
+   the outputs i = 0..count-1 from taps (bounds relative to the row's start), written as packed RGB at
+   dst + r * dst_stride. The integer sums are exact, so summing a 4-byte pixel's channels side by side in one
+   vector gives Pillow's values. */
+static void horizontal(const uint8_t *src, size_t src_stride, int step, int rows, int count, const int *bounds,
                        const int32_t *k_all, int ksize, uint8_t *dst, size_t dst_stride) {
     for (int r = 0; r < rows; r++) {
         const uint8_t *line = src + r * src_stride;
         uint8_t *out = dst + r * dst_stride;
         for (int i = 0; i < count; i++) {
             const int32_t *k = k_all + (size_t)i * ksize;
-            const uint8_t *p = line + (size_t)bounds[2 * i] * CHANNELS;
+            const uint8_t *p = line + (size_t)bounds[2 * i] * step;
+            if (step == 4) {
+                pixel_sums s = {1 << (PRECISION_BITS - 1), 1 << (PRECISION_BITS - 1), 1 << (PRECISION_BITS - 1), 0};
+                for (int x = 0; x < bounds[2 * i + 1]; x++) s += load_rgbx(p + 4 * x) * k[x];
+                for (int c = 0; c < CHANNELS; c++) out[CHANNELS * i + c] = clip8(s[c]);
+                continue;
+            }
             int s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
             for (int x = 0; x < bounds[2 * i + 1]; x++) {
-                s0 += p[CHANNELS * x] * k[x];
-                s1 += p[CHANNELS * x + 1] * k[x];
-                s2 += p[CHANNELS * x + 2] * k[x];
+                s0 += p[step * x] * k[x];
+                s1 += p[step * x + 1] * k[x];
+                s2 += p[step * x + 2] * k[x];
             }
             out[CHANNELS * i] = clip8(s0);
             out[CHANNELS * i + 1] = clip8(s1);
@@ -118,18 +145,28 @@ static void vertical(const uint8_t *src, size_t src_stride, int count, size_t by
     }
 }
 
-static void copy_rows(const uint8_t *src, size_t src_stride, int rows, size_t bytes, uint8_t *dst,
-                      size_t dst_stride) {
-    for (int r = 0; r < rows; r++) memcpy(dst + r * dst_stride, src + r * src_stride, bytes);
+/* `rows` rows of `count` pixels (`step` = 3 or 4 bytes apart in src) copied as packed RGB. */
+static void copy_pixels(const uint8_t *src, size_t src_stride, int step, int rows, int count, uint8_t *dst,
+                        size_t dst_stride) {
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *line = src + r * src_stride;
+        uint8_t *out = dst + r * dst_stride;
+        if (step == CHANNELS) {
+            memcpy(out, line, (size_t)count * CHANNELS);
+            continue;
+        }
+        for (int i = 0; i < count; i++) memcpy(out + CHANNELS * i, line + (size_t)step * i, CHANNELS);
+    }
 }
 
-/* Resize the crop (x0, y0, width, height) of a row-major RGB image (row stride `stride` bytes) to out_w x out_h
-   and write the output window (wx, wy, ww, wh) to `dst` (wh rows of ww RGB pixels). The passes run in Pillow's
+/* Resize the crop (x0, y0, width, height) of a row-major RGB image (row stride `stride` bytes, pixels `step` = 3
+   bytes apart, or 4 as Pillow stores RGB) to out_w x out_h and write the output window (wx, wy, ww, wh) to `dst`
+   (wh rows of ww packed RGB pixels). The passes run in Pillow's
    order: horizontal first, except with `pillow13_order` when the height shrinks by more than twice as many
    pixels as the width (Pillow 13's rule). Returns 0, or -1 for bad arguments or no memory. */
-int dvt_resize_window(const uint8_t *src, int stride, int x0, int y0, int width, int height, int out_w, int out_h,
+int dvt_resize_window(const uint8_t *src, int stride, int step, int x0, int y0, int width, int height, int out_w, int out_h,
                       int wx, int wy, int ww, int wh, int filter, int pillow13_order, uint8_t *dst) {
-    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || width <= 0 || height <= 0 || out_w <= 0 ||
+    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 || height <= 0 || out_w <= 0 ||
         out_h <= 0 || ww <= 0 || wh <= 0 || wx < 0 || wy < 0 || wx + ww > out_w || wy + wh > out_h)
         return -1;
     int need_horizontal = out_w != width, need_vertical = out_h != height;
@@ -142,7 +179,7 @@ int dvt_resize_window(const uint8_t *src, int stride, int x0, int y0, int width,
     if (!vbounds || !hbounds) goto done;
     if (need_vertical && !(vk = taps(height, out_h, wy, wh, filter, vbounds, &vtaps))) goto done;
     if (need_horizontal && !(hk = taps(width, out_w, wx, ww, filter, hbounds, &htaps))) goto done;
-    const uint8_t *crop = src + (size_t)y0 * stride + (size_t)x0 * CHANNELS;
+    const uint8_t *crop = src + (size_t)y0 * stride + (size_t)x0 * step;
     size_t out_stride = (size_t)ww * CHANNELS;
     if (!vertical_first) {
         /* rows of the crop the vertical pass reads, each cut to the window's columns */
@@ -150,29 +187,27 @@ int dvt_resize_window(const uint8_t *src, int stride, int x0, int y0, int width,
         int rows = need_vertical ? vbounds[2 * (wh - 1)] + vbounds[2 * (wh - 1) + 1] - first : wh;
         if (!(temp = malloc((size_t)rows * out_stride)) || !(sums = malloc(sizeof(int32_t) * out_stride))) goto done;
         if (need_horizontal)
-            horizontal(crop + (size_t)first * stride, stride, rows, ww, hbounds, htaps, hk, temp, out_stride);
+            horizontal(crop + (size_t)first * stride, stride, step, rows, ww, hbounds, htaps, hk, temp, out_stride);
         else
-            copy_rows(crop + (size_t)first * stride + (size_t)wx * CHANNELS, stride, rows, out_stride, temp,
-                      out_stride);
+            copy_pixels(crop + (size_t)first * stride + (size_t)wx * step, stride, step, rows, ww, temp, out_stride);
         if (need_vertical) {
             for (int j = 0; j < wh; j++) vbounds[2 * j] -= first;
             vertical(temp, out_stride, wh, out_stride, vbounds, vtaps, vk, dst, out_stride, sums);
         } else {
-            copy_rows(temp, out_stride, wh, out_stride, dst, out_stride);
+            copy_pixels(temp, out_stride, CHANNELS, wh, ww, dst, out_stride);
         }
     } else {
         /* columns of the crop the horizontal pass reads, over the window's rows */
         int first = need_horizontal ? hbounds[0] : wx;
         int cols = need_horizontal ? hbounds[2 * (ww - 1)] + hbounds[2 * (ww - 1) + 1] - first : ww;
-        size_t temp_stride = (size_t)cols * CHANNELS;
+        size_t temp_stride = (size_t)cols * step; /* the source's pixel layout */
         if (!(temp = malloc((size_t)wh * temp_stride)) || !(sums = malloc(sizeof(int32_t) * temp_stride))) goto done;
-        vertical(crop + (size_t)first * CHANNELS, stride, wh, temp_stride, vbounds, vtaps, vk, temp, temp_stride,
-                 sums);
+        vertical(crop + (size_t)first * step, stride, wh, temp_stride, vbounds, vtaps, vk, temp, temp_stride, sums);
         if (need_horizontal) {
             for (int i = 0; i < ww; i++) hbounds[2 * i] -= first;
-            horizontal(temp, temp_stride, wh, ww, hbounds, htaps, hk, dst, out_stride);
+            horizontal(temp, temp_stride, step, wh, ww, hbounds, htaps, hk, dst, out_stride);
         } else {
-            copy_rows(temp, temp_stride, wh, out_stride, dst, out_stride);
+            copy_pixels(temp, temp_stride, step, wh, ww, dst, out_stride);
         }
     }
     status = 0;

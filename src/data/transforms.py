@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import affine, resample
+from .pixels import rgb_pixels
 from .randaugment import RandAugment, rand_augment_from_string
 
 PIL_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -107,7 +108,8 @@ class TrainTransform:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.augment is not None:
             image = self.augment.augment(image, rng)
-        out = self.normalise(np.asarray(image), out)
+        pixels = rgb_pixels(image)  # read in Pillow's storage, not copied out of it
+        out = self.normalise(pixels.view(image.height, image.width), out)
         if self.erase_prob > 0 and rng.random() < self.erase_prob:
             erase(out, rng)
         return out
