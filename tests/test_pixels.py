@@ -1,6 +1,7 @@
 """Pixel memory for the C code: Pillow's own storage where Pillow shares it, a packed copy where it does not."""
 
 import ctypes
+import gc
 
 import numpy as np
 import pytest
@@ -36,6 +37,15 @@ def test_decoded_jpeg_is_shared(tmp_path):
         source = pixels.rgb_pixels(image)
         assert source.step == 4
         np.testing.assert_array_equal(read(source, 30, 40), np.asarray(image))
+
+
+def test_a_view_keeps_the_storage_alive():
+    array = np.random.default_rng(4).integers(0, 256, (21, 17, 3), dtype=np.uint8)
+    view = pixels.rgb_pixels(Image.fromarray(array)).view(21, 17)  # neither the image nor Pixels is kept
+    gc.collect()
+    _ = [Image.new("RGB", (17, 21), (255, 0, 0)) for _ in range(50)]  # would reuse freed storage
+    np.testing.assert_array_equal(view, array)
+    assert not view.flags.writeable
 
 
 def test_a_pillow_that_does_not_share_is_copied(monkeypatch):

@@ -54,9 +54,12 @@ class Pixels:
     step: int
 
     def view(self, height: int, width: int) -> np.ndarray:
-        """The (height, width, 3) uint8 image as a NumPy view of this memory (no copy; valid while self lives)."""
+        """The (height, width, 3) uint8 image as a read-only NumPy view of this memory (no copy); the view keeps
+        the memory alive."""
         memory = (ctypes.c_uint8 * (height * self.stride)).from_address(self.address)
+        memory.owner = self.owner  # the view's base is `memory`: while the view lives, so does the storage
         rows = np.frombuffer(memory, np.uint8).reshape(height, self.stride)
+        rows.flags.writeable = False
         return rows[:, :width * self.step].reshape(height, width, self.step)[..., :3]
 
 
