@@ -19,6 +19,14 @@ static inline int floor_int(double v) { return v < 0.0 ? (int)floor(v) : (int)v;
 
 static inline int clip_index(int v, int size) { return v < 0 ? 0 : v < size ? v : size - 1; }
 
+/* Pillow's filters sample at pixel centres: the pixel at or left of coordinate - 0.5, and the fraction past it. */
+static inline int centre_split(double coordinate, double *fraction) {
+    coordinate -= 0.5;
+    int index = floor_int(coordinate);
+    *fraction = coordinate - index;
+    return index;
+}
+
 /* The three bands of a pixel (and a spare lane) side by side: GCC's vector extension, so each lane runs exactly
    the scalar double operations Pillow runs for its band (IEEE, no contraction), on whatever SIMD the CPU has. */
 typedef double bands_d __attribute__((vector_size(4 * sizeof(double))));
@@ -65,10 +73,8 @@ static inline bands_d linear_row(const uint8_t *row, int x0, int x1, double d) {
 
 static void bilinear_pixel(const uint8_t *src, int stride, int step, int width, int height, double xin, double yin,
                            uint8_t *out) {
-    xin -= 0.5;
-    yin -= 0.5;
-    int x = floor_int(xin), y = floor_int(yin);
-    double dx = xin - x, dy = yin - y;
+    double dx, dy;
+    int x = centre_split(xin, &dx), y = centre_split(yin, &dy);
     int x0 = clip_index(x, width) * step, x1 = clip_index(x + 1, width) * step;
     bands_d v1 = linear_row(src + (size_t)clip_index(y, height) * stride, x0, x1, dx);
     if (dy != 0.0) {
@@ -80,12 +86,8 @@ static void bilinear_pixel(const uint8_t *src, int stride, int step, int width, 
 
 static void bicubic_pixel(const uint8_t *src, int stride, int step, int width, int height, double xin, double yin,
                           uint8_t *out) {
-    xin -= 0.5;
-    yin -= 0.5;
-    int x = floor_int(xin), y = floor_int(yin);
-    double dx = xin - x, dy = yin - y;
-    x--;
-    y--;
+    double dx, dy;
+    int x = centre_split(xin, &dx) - 1, y = centre_split(yin, &dy) - 1;
     int xs[4];
     for (int i = 0; i < 4; i++) xs[i] = clip_index(x + i, width) * step;
     /* rows y..y+3: the first clipped into the image, each later one outside it repeats the one before */
@@ -104,13 +106,13 @@ static void bicubic_pixel(const uint8_t *src, int stride, int step, int width, i
 
 /* `Image.transform((out_w, out_h), AFFINE, matrix, filter, fillcolor=fill)` of a row-major RGB image (width x
    height, row stride `stride` bytes, pixels `step` = 3 or 4 bytes apart as Pillow stores RGB, readable one byte
-   past its last pixel) into `dst` (out_h rows of out_w RGB
-   pixels, packed). Output pixel (x, y) samples the input at matrix . (x + 0.5, y + 0.5, 1); outside the input it
-   keeps the fill colour. Returns 0, or -1 for a bad filter or size. */
+   past its last pixel) into `dst` (out_h rows of out_w RGB pixels, packed). Output pixel (x, y) samples the input
+   at matrix . (x + 0.5, y + 0.5, 1); outside the input it keeps the fill colour. Returns 0, or -1 for a bad
+   filter, step or size. */
 int dvt_affine_rgb(const uint8_t *src, int stride, int step, int width, int height, const double *matrix, int filter,
                    const uint8_t *fill, int out_w, int out_h, uint8_t *dst) {
-    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 || height <= 0 || out_w <= 0 ||
-        out_h <= 0)
+    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 ||
+        height <= 0 || out_w <= 0 || out_h <= 0)
         return -1;
     double a0 = matrix[0], a1 = matrix[1], a2 = matrix[2], a3 = matrix[3], a4 = matrix[4], a5 = matrix[5];
     for (int y = 0; y < out_h; y++) {

@@ -9,6 +9,7 @@ pipeline"). A probe compares it with the installed Pillow when it loads; without
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import os
@@ -18,7 +19,7 @@ import PIL
 from PIL import Image
 
 from ..native import checked_function
-from .pixels import Pixels, rgb_pixels
+from .pixels import rgb_pixels
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "affine.c")
 FLAGS = ("-x", "c", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")  # no FMA:
@@ -58,11 +59,11 @@ def _pillow(image: Image.Image | np.ndarray, matrix: Matrix, interpolation: int,
 
 def _run(function, image: Image.Image | np.ndarray, matrix: Matrix, interpolation: int, fill: Fill) -> np.ndarray:
     source = rgb_pixels(image)  # Pillow's own 4-byte storage where it shares it: no copy
-    height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    height, width = source.height, source.width
     if source.step == 3:  # affine.c reads each pixel as 4 bytes: one more byte after the last
         padded = np.empty(height * source.stride + 1, np.uint8)
         padded[:-1] = source.owner.reshape(-1)
-        source = Pixels(padded, padded.ctypes.data, source.stride, source.step)
+        source = dataclasses.replace(source, owner=padded, address=padded.ctypes.data)
     out = np.empty((height, width, 3), np.uint8)
     coefficients = (ctypes.c_double * 6)(*matrix)
     colour = (ctypes.c_uint8 * 3)(*fill)

@@ -46,21 +46,24 @@ _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 @dataclass(frozen=True)
 class Pixels:
     """Where an RGB image's pixels are: `address` of row 0, `stride` bytes per row, `step` bytes per pixel (3 or
-    4, the channels first). `owner` keeps the memory alive: hold this object while C code reads it."""
+    4, the channels first), `height` x `width` of them. `owner` keeps the memory alive: hold this object while C
+    code reads it."""
 
     owner: object
     address: int
     stride: int
     step: int
+    height: int
+    width: int
 
-    def view(self, height: int, width: int) -> np.ndarray:
+    def view(self) -> np.ndarray:
         """The (height, width, 3) uint8 image as a read-only NumPy view of this memory (no copy); the view keeps
         the memory alive."""
-        memory = (ctypes.c_uint8 * (height * self.stride)).from_address(self.address)
+        memory = (ctypes.c_uint8 * (self.height * self.stride)).from_address(self.address)
         memory.owner = self.owner  # the view's base is `memory`: while the view lives, so does the storage
-        rows = np.frombuffer(memory, np.uint8).reshape(height, self.stride)
+        rows = np.frombuffer(memory, np.uint8).reshape(self.height, self.stride)
         rows.flags.writeable = False
-        return rows[:, :width * self.step].reshape(height, width, self.step)[..., :3]
+        return rows[:, :self.width * self.step].reshape(self.height, self.width, self.step)[..., :3]
 
 
 def _shared(image: Image.Image) -> Pixels | None:
@@ -78,7 +81,7 @@ def _shared(image: Image.Image) -> Pixels | None:
     pixels = array.children[0].contents
     if pixels.length != 4 * width * height or pixels.offset != 0 or pixels.n_buffers != 2 or not pixels.buffers[1]:
         return None
-    return Pixels((schema_capsule, array_capsule), pixels.buffers[1], 4 * width, 4)
+    return Pixels((schema_capsule, array_capsule), pixels.buffers[1], 4 * width, 4, height, width)
 
 
 def rgb_pixels(image: Image.Image | np.ndarray) -> Pixels:
@@ -94,4 +97,4 @@ def rgb_pixels(image: Image.Image | np.ndarray) -> Pixels:
     array = np.ascontiguousarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got shape {array.shape} and dtype {array.dtype}")
-    return Pixels(array, array.ctypes.data, array.strides[0], 3)
+    return Pixels(array, array.ctypes.data, array.strides[0], 3, *array.shape[:2])

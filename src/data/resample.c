@@ -161,13 +161,14 @@ static void copy_pixels(const uint8_t *src, size_t src_stride, int step, int row
 
 /* Resize the crop (x0, y0, width, height) of a row-major RGB image (row stride `stride` bytes, pixels `step` = 3
    bytes apart, or 4 as Pillow stores RGB) to out_w x out_h and write the output window (wx, wy, ww, wh) to `dst`
-   (wh rows of ww packed RGB pixels). The passes run in Pillow's
-   order: horizontal first, except with `pillow13_order` when the height shrinks by more than twice as many
-   pixels as the width (Pillow 13's rule). Returns 0, or -1 for bad arguments or no memory. */
-int dvt_resize_window(const uint8_t *src, int stride, int step, int x0, int y0, int width, int height, int out_w, int out_h,
-                      int wx, int wy, int ww, int wh, int filter, int pillow13_order, uint8_t *dst) {
-    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 || height <= 0 || out_w <= 0 ||
-        out_h <= 0 || ww <= 0 || wh <= 0 || wx < 0 || wy < 0 || wx + ww > out_w || wy + wh > out_h)
+   (wh rows of ww packed RGB pixels). The passes run in Pillow's order: horizontal first, except with
+   `pillow13_order` when the height shrinks by more than twice as many pixels as the width (Pillow 13's rule).
+   Returns 0, or -1 for bad arguments or no memory. */
+int dvt_resize_window(const uint8_t *src, int stride, int step, int x0, int y0, int width, int height, int out_w,
+                      int out_h, int wx, int wy, int ww, int wh, int filter, int pillow13_order, uint8_t *dst) {
+    if ((filter != FILTER_BILINEAR && filter != FILTER_BICUBIC) || (step != 3 && step != 4) || width <= 0 ||
+        height <= 0 || out_w <= 0 || out_h <= 0 || ww <= 0 || wh <= 0 || wx < 0 || wy < 0 || wx + ww > out_w ||
+        wy + wh > out_h)
         return -1;
     int need_horizontal = out_w != width, need_vertical = out_h != height;
     int vertical_first = pillow13_order && height - out_h > 0 && height - out_h > (width - out_w) * 2;

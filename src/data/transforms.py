@@ -108,7 +108,7 @@ class TrainTransform:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.augment is not None:
             image = self.augment.augment(image, rng)
-        out = self.normalise(rgb_pixels(image).view(image.height, image.width), out)  # read in Pillow's storage
+        out = self.normalise(rgb_pixels(image).view(), out)  # read in Pillow's storage, not copied out of it
         if self.erase_prob > 0 and rng.random() < self.erase_prob:
             erase(out, rng)
         return out
