@@ -13,13 +13,17 @@ a temporary folder, then times:
   Normalize, HWC2CHW).
 Each pipeline is built, run alone for three epochs and torn down, the pipelines taking turns round by round;
 the rate is that of the last two epochs.
-Prints the median images/s of each and the ratios: ours / C++ with N workers, and N workers / 1 worker (for
-both: how far the host lets decoding and resampling scale, whatever the pipeline).
+- the host's bound: N independent copies of our 1-worker pipeline, each in its own process, started together.
+  They share nothing, so their summed rate over one copy alone is the most any N-worker form of the same
+  per-image work can reach on this host (cores that slow down when their neighbours work show here).
+Prints the median images/s of each and the ratios: ours / C++ with N workers, N workers / 1 worker (for
+both: how far the host lets decoding and resampling scale, whatever the pipeline), and ours against the bound.
 """
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +36,7 @@ from mindspore.dataset import vision  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from src.config import OPTIONS  # noqa: E402
-from src.data.pipeline import create_eval_loader, create_train_loader  # noqa: E402
+from src.data.pipeline import EvalBatches, create_eval_loader, create_train_loader  # noqa: E402
 
 SIDE = 224
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -67,7 +71,13 @@ def ours_train(root, batch_size, workers, processes=True):
 
 
 def ours_eval(root, batch_size, workers):
-    return create_eval_loader(recipe(root, batch_size, workers, True), SIDE).dataset().repeat(EPOCHS)
+    """eval.py reads its 100,000 images in one pass, so the epochs here are one pass over the images EPOCHS times:
+    `repeat` would drain the workers every 256 images."""
+    loader = create_eval_loader(recipe(root, batch_size, workers, True), SIDE)
+    items = loader.items
+    loader.items = EvalBatches(items.source, items.indices * EPOCHS, items.batch_size, items.transform,
+                               items.skip_corrupt)
+    return loader.dataset()
 
 
 def cpp_train(root, batch_size, workers):
@@ -95,14 +105,55 @@ def steady_rate(dataset) -> float:
     return sum(sizes[first:]) / (times[-1] - times[first - 1])
 
 
+READY, GO, RATE = "ready", "go", "rate="
+
+
+def independent_copies(kind: str, root: str, batch_size: int, copies: int) -> float:
+    """Summed images/s of `copies` 1-worker pipelines, each in its own process, built first and then started
+    together."""
+    command = [sys.executable, os.path.abspath(__file__), "--single", kind, "--root", root,
+               "--batch_size", str(batch_size)]
+    children = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(copies)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != READY:
+                raise RuntimeError(f"a {kind} copy failed to build (exit {child.wait()})")
+        for child in children:
+            child.stdin.write(GO + "\n")
+            child.stdin.flush()
+        rates = [child.stdout.readline().strip() for child in children]
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait()
+    if not all(rate.startswith(RATE) for rate in rates):
+        raise RuntimeError(f"a {kind} copy failed: {rates}")
+    return sum(float(rate[len(RATE):]) for rate in rates)
+
+
+def single_copy(kind: str, root: str, batch_size: int) -> int:
+    """The child of `independent_copies`: build, say so, wait for the start, run, print the rate."""
+    dataset = (ours_train if kind == "train" else ours_eval)(root, batch_size, 1)
+    print(READY, flush=True)
+    if sys.stdin.readline().strip() != GO:
+        return 1
+    print(f"{RATE}{steady_rate(dataset)}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--single", choices=("train", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n, batch = args.workers, args.batch_size
+    if args.single:
+        return single_copy(args.single, args.root, batch)
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, args.images)
         pipelines = {
@@ -116,10 +167,13 @@ def main(argv=None) -> int:
             f"eval MindSpore C++, {n} workers": lambda: cpp_eval(root, batch, n),
             "eval MindSpore C++, 1 worker": lambda: cpp_eval(root, batch, 1),
         }
-        rates = {name: [] for name in pipelines}
+        bounds = {f"{kind} ours, {n} x 1 worker at once": kind for kind in ("train", "eval")}
+        rates = {name: [] for name in [*pipelines, *bounds]}
         for _ in range(args.rounds):
             for name, build in pipelines.items():
                 rates[name].append(steady_rate(build()))
+            for name, kind in bounds.items():
+                rates[name].append(independent_copies(kind, root, batch, n))
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"{args.images} JPEGs of 500x375, batch {batch}, {n} workers, {os.cpu_count()} cores, "
           f"median of {args.rounds} rounds")
@@ -127,9 +181,11 @@ def main(argv=None) -> int:
         print(f"  {name:<36} {rate:8.1f} img/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
     for kind in ("train", "eval"):
         ours, cpp = median[f"{kind} ours, {n} worker processes"], median[f"{kind} MindSpore C++, {n} workers"]
+        one, bound = median[f"{kind} ours, 1 worker process"], median[f"{kind} ours, {n} x 1 worker at once"]
         print(f"{kind}: ours / MindSpore C++ ({n} workers) = {ours / cpp:.2f}; "
-              f"{n} workers / 1 worker = {ours / median[f'{kind} ours, 1 worker process']:.2f} "
-              f"(MindSpore C++: {cpp / median[f'{kind} MindSpore C++, 1 worker']:.2f}); "
+              f"{n} workers / 1 worker = {ours / one:.2f} "
+              f"(MindSpore C++: {cpp / median[f'{kind} MindSpore C++, 1 worker']:.2f}; "
+              f"the host's bound, {n} independent copies at once: {bound / one:.2f}); "
               f"ours per worker {ours / n:.0f} img/s")
     return 0
 
