@@ -1,11 +1,12 @@
 """mindspore.dataset pipelines for training and validation: whole batches built in worker processes.
 
 Each item of a pipeline is a whole batch, built by one worker (a process with `python_multiprocessing`, the
-default, else a thread): it decodes its images, transforms them (src/data/transforms.py), stacks them and,
-for training, mixes the batch (Mixup/CutMix with label smoothing, so every batch carries soft targets). What
-a batch holds and every random draw in it follow from (seed, epoch, position) alone (src/data/stream.py), so
-batches are identical whatever the number or timing of workers, and a run resumed at micro-batch g reads the
-very batches the uninterrupted run read there.
+default, which builds it in shared memory: src/data/shared_workers.py; else a thread): it decodes its images,
+transforms them (src/data/transforms.py) into their places in the batch and, for training, mixes the batch
+(Mixup/CutMix with label smoothing, so every batch carries soft targets). What a batch holds and every random
+draw in it follow from (seed, epoch, position) alone (src/data/stream.py), so batches are identical whatever
+the number or timing of workers, and a run resumed at micro-batch g reads the very batches the uninterrupted
+run read there.
 
 Training reads one stream of micro-batches over the whole run, sharded by rank. Validation gives each rank
 every group_size-th image with no padding, so summed counts are exact. An unreadable image stops the run
@@ -26,6 +27,7 @@ import numpy as np
 from mindspore import Tensor
 
 from .mixup import MixupCutmix
+from .shared_workers import SharedMemoryBatches
 from .sources import (
     CIFAR_CLASSES,
     ArraySource,
@@ -49,7 +51,23 @@ def _record_skip(skipped: np.ndarray, index: int) -> None:
         skipped[free[0]] = index
 
 
-class TrainBatches:
+class BatchSource:
+    """A random-access source of whole batches: `build` writes batch b into arrays laid out by `slot_layout` (a
+    worker's shared-memory slot, src/data/shared_workers.py) and returns the filled part of each."""
+
+    columns: list[str]
+
+    def slot_layout(self) -> list[tuple[tuple[int, ...], type]]:
+        raise NotImplementedError
+
+    def build(self, batch: int, out: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def __getitem__(self, batch: int) -> tuple[np.ndarray, ...]:
+        return self.build(int(batch), tuple(np.empty(shape, dtype) for shape, dtype in self.slot_layout()))
+
+
+class TrainBatches(BatchSource):
     """GeneratorDataset source: item g is this rank's micro-batch g of the run, as (images, soft targets,
     indices of the unreadable images it skipped)."""
 
@@ -88,23 +106,28 @@ class TrainBatches:
         raise DataError(f"{REPLACEMENT_ATTEMPTS} unreadable images in a row replacing one of epoch {epoch + 1}; "
                         f"the last was {self.source.name(item)}")
 
-    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def slot_layout(self) -> list[tuple[tuple[int, ...], type]]:
+        """Each column's shape and dtype (shared-memory workers size their slots by it)."""
+        size, batch = self.transform.size, self.plan.batch_size
+        return [((batch, 3, size, size), np.float32), ((batch, self.mixer.num_classes), np.float32),
+                ((batch,), np.int64)]
+
+    def build(self, batch: int, out: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         plan = self.plan
-        epoch, index, positions = plan.positions(int(batch))
+        images, targets, skipped = out
+        epoch, index, positions = plan.positions(batch)
         items = self.order(epoch)[positions]
-        size = self.transform.size
-        images = np.empty((plan.batch_size, 3, size, size), np.float32)
         labels = np.empty(plan.batch_size, np.int32)
-        skipped = np.full(plan.batch_size, NO_IMAGE, np.int64)
+        skipped.fill(NO_IMAGE)
         for slot, (position, item) in enumerate(zip(positions.tolist(), items.tolist(), strict=True)):
             image, labels[slot] = self._load(item, epoch, position, skipped)
             self.transform(image, keyed_rng(plan.seed, IMAGE, epoch, position), images[slot])
-        images, targets = self.mixer(images, labels, keyed_rng(plan.seed, BATCH, epoch, index, plan.rank),
-                                     in_place=True)  # the batch is ours: no second copy of it
+        _, targets[...] = self.mixer(images, labels, keyed_rng(plan.seed, BATCH, epoch, index, plan.rank),
+                                     in_place=True)  # mixes `images` where they lie
         return images, targets, skipped
 
 
-class EvalBatches:
+class EvalBatches(BatchSource):
     """GeneratorDataset source: item b is batch b of this rank's evaluation images, as (images, labels,
     indices of the unreadable images left out)."""
 
@@ -120,12 +143,16 @@ class EvalBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
 
-    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chunk = self.indices[int(batch) * self.batch_size:(int(batch) + 1) * self.batch_size]
+    def slot_layout(self) -> list[tuple[tuple[int, ...], type]]:
+        """Each column's largest shape and dtype (shared-memory workers size their slots by it)."""
         size = self.transform.resize_crop.size
-        images = np.empty((len(chunk), 3, size, size), np.float32)  # each image written into its slot
-        labels = np.empty(len(chunk), np.int32)
-        skipped = np.full(self.batch_size, NO_IMAGE, np.int64)
+        return [((self.batch_size, 3, size, size), np.float32), ((self.batch_size,), np.int32),
+                ((self.batch_size,), np.int64)]
+
+    def build(self, batch: int, out: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        chunk = self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+        images, labels, skipped = out  # each image written into its place
+        skipped.fill(NO_IMAGE)
         count = 0
         for item in chunk:
             try:
@@ -152,16 +179,28 @@ class Loader:
     processes: bool
     skipped: set[str] = field(default_factory=set)
 
+    def _pipeline(self, start: int) -> tuple[ds.Dataset, SharedMemoryBatches | None]:
+        if not (self.processes and self.workers > 1):
+            return ds.GeneratorDataset(self.items, self.items.columns, sampler=ds.SequentialSampler(start_index=start),
+                                       num_parallel_workers=self.workers, python_multiprocessing=False), None
+        shared = SharedMemoryBatches(self.items, self.workers, start)
+        return ds.GeneratorDataset(shared, shared.columns, sampler=ds.SequentialSampler(start_index=start),
+                                   num_parallel_workers=1, python_multiprocessing=False), shared
+
     def dataset(self, start: int = 0) -> ds.Dataset:
-        """The mindspore.dataset pipeline from batch `start` on."""
-        return ds.GeneratorDataset(self.items, self.items.columns, sampler=ds.SequentialSampler(start_index=start),
-                                   num_parallel_workers=self.workers, python_multiprocessing=self.processes)
+        """The mindspore.dataset pipeline from batch `start` on. Worker processes (more than one) hand their
+        batches over in shared memory (src/data/shared_workers.py), read in order by one pipeline thread;
+        they stop when the pipeline is collected."""
+        return self._pipeline(start)[0]
 
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """(images, targets or labels) of every batch from `start` on; counts skipped images and turns an
-        unreadable one deep in a worker into a DataError naming it."""
+        unreadable one deep in a worker into a DataError naming it. Worker processes stop when the batches
+        end or the caller stops reading them."""
+        dataset, shared = self._pipeline(start)
+        rows = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
         try:
-            for images, targets, skipped in self.dataset(start).create_tuple_iterator(num_epochs=1, do_copy=False):
+            for images, targets, skipped in rows:
                 lost = skipped.asnumpy()
                 self.skipped.update(self.items.source.name(int(i)) for i in lost[lost != NO_IMAGE])
                 if images.shape[0]:
@@ -172,6 +211,10 @@ class Loader:
                 raise
             raise DataError(f"{found[-1].strip()}\n(set skip_corrupt: true to skip and count unreadable "
                             "images)") from None
+        finally:
+            if shared is not None:
+                shared.close()
+            rows.stop()
 
 
 def _source(config: dict, split: str, class_names: list[str] | None = None):
