@@ -144,3 +144,22 @@ def running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_exit_with_workers_running_neither_hangs_nor_leaves_them(tmp_path):
+    """A script that ends while its workers still run: multiprocessing's exit hook would SIGTERM them (ignored)
+    and wait forever, so ours stops them first, whatever else registered a finalizer before multiprocessing
+    was imported."""
+    pids = tmp_path / "pids"
+    script = ("import weakref\n"
+              "class Early: pass\n"
+              "early = Early(); weakref.finalize(early, print)  # weakref's exit hook before multiprocessing's\n"
+              f"import os, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "from test_shared_workers import Numbered\n"
+              "from src.data.shared_workers import SharedMemoryBatches\n"
+              "shared = SharedMemoryBatches(Numbered(batches=50), 2)\n"
+              "shared[0]\n"
+              f"open({str(pids)!r}, 'w').write(' '.join(str(p.pid) for p in shared.processes))\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not any(running(int(pid)) for pid in pids.read_text().split())

@@ -17,6 +17,7 @@ it was building; a DataError keeps its message, which names the unreadable file.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing as mp
 import os
@@ -44,6 +45,15 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:
         os._exit(1)
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # sources whose workers may still run
+
+
+@atexit.register  # after multiprocessing's own exit hook, so it runs first: that hook would SIGTERM our
+def _close_all() -> None:  # workers, which ignore it, and then wait for them forever
+    for source in list(_LIVE):
+        source.close()
 
 
 def _shut_down(processes: list, blocks: list) -> None:
@@ -94,6 +104,7 @@ class SharedMemoryBatches:
         for _, sender in pipes:
             sender.close()  # the workers hold theirs: a dead worker's pipe then reads as closed
         self._finalizer = weakref.finalize(self, _shut_down, self.processes, self.blocks)
+        _LIVE.add(self)
         self.expected = start
 
     def __len__(self) -> int:
