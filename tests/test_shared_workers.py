@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -163,3 +164,33 @@ def test_exit_with_workers_running_neither_hangs_nor_leaves_them(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], check=False, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not any(running(int(pid)) for pid in pids.read_text().split())
+
+
+
+def test_close_waits_for_a_batch_being_copied_out():
+    """The pipeline's thread may be copying a batch out of a slot when the reader stops: close waits for the copy
+    (a view does not keep the memory mapped), and a read after it fails clearly instead of touching freed memory."""
+    shared = SharedMemoryBatches(Numbered(), 2)
+    shared[0]
+    copy_started, release_copy = threading.Event(), threading.Event()
+    copied = []
+
+    def slow_copy():
+        with shared._copying:  # what __getitem__ holds while it copies
+            copy_started.set()
+            release_copy.wait(5)
+            copied.append(np.array(shared._views(0, 0, [shape for shape, _ in shared.layout])[1]))
+    copier = threading.Thread(target=slow_copy)
+    copier.start()
+    copy_started.wait(5)
+    closer = threading.Thread(target=shared.close)
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive()  # waiting for the copy
+    release_copy.set()
+    copier.join(5)
+    closer.join(5)
+    labels = copied[0]  # slot 0 of worker 0 holds one of its batches (0, 2, 4 or 6)
+    assert len(set(labels.tolist())) == 1 and labels[0] in (0, 2, 4, 6)
+    with pytest.raises(RuntimeError, match="closed while batch 1 was read"):
+        shared[1]

@@ -2,7 +2,7 @@
 
 MindSpore's GeneratorDataset with `python_multiprocessing` has each worker copy its finished batch into
 MindSpore's shared-memory queue; with the waits of that queue, 2 workers built 0.80-0.88 of what 2 independent
-1-worker pipelines build on the same 2 cores (`benchmarks/bench_data.py`). Here each worker owns a few slots in
+1-worker pipelines build on the same 2 cores (`benchmarks/bench_data.py`). Here each worker owns two slots in
 one shared-memory block, builds batch g in a free slot (the images are decoded, transformed and mixed where they
 lie) and sends the slot's number and shapes down a pipe. The main process's GeneratorDataset (in-process, one
 thread) copies the batch out and frees the slot at once: MindSpore keeps the arrays a source returns without
@@ -22,6 +22,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import signal
+import threading
 import traceback
 import weakref
 from multiprocessing import shared_memory
@@ -106,6 +107,8 @@ class SharedMemoryBatches:
         self._finalizer = weakref.finalize(self, _shut_down, self.processes, self.blocks)
         _LIVE.add(self)
         self.expected = start
+        self._copying = threading.Lock()  # close waits for a copy out of a slot (views do not keep it mapped)
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -158,11 +161,17 @@ class SharedMemoryBatches:
         if message[0] == "error":
             raise RuntimeError(f"loader worker {worker} failed building batch {batch}:\n{message[1]}")
         _, slot, shapes = message
-        arrays = tuple(np.array(view) for view in self._views(worker, slot, shapes))  # MindSpore keeps what it gets
+        with self._copying:
+            if self._closed:
+                raise RuntimeError(f"the loader was closed while batch {batch} was read")
+            arrays = tuple(np.array(view) for view in self._views(worker, slot, shapes))  # MindSpore keeps them
         self.free_slots[worker].release()
         self.expected = batch + 1
         return arrays
 
     def close(self) -> None:
-        """Stop the workers and free the shared memory (also done when this source is collected)."""
-        self._finalizer()
+        """Stop the workers and free the shared memory (also done when this source is collected); a batch being
+        copied out in another thread is finished first."""
+        with self._copying:
+            self._closed = True
+            self._finalizer()
