@@ -147,6 +147,7 @@ class SharedMemoryBatches:
         try:
             return receiver.recv()
         except EOFError:
+            process.join(POLL_SECONDS)  # its pipe can close before it is reaped: then the exit code is known
             raise RuntimeError(f"loader worker {worker} died (exit code {process.exitcode}) building batch "
                                f"{batch}") from None
 
