@@ -142,14 +142,12 @@ class SharedMemoryBatches:
 
     def _receive(self, worker: int, batch: int) -> tuple:
         receiver, process = self.ready[worker], self.processes[worker]
-        while not receiver.poll(POLL_SECONDS) and process.is_alive():
-            pass
-        try:
-            return receiver.recv()
-        except EOFError:
-            process.join(POLL_SECONDS)  # its pipe can close before it is reaped: then the exit code is known
-            raise RuntimeError(f"loader worker {worker} died (exit code {process.exitcode}) building batch "
-                               f"{batch}") from None
+        while not receiver.poll(POLL_SECONDS):  # no end-of-file when it dies: the other workers hold its pipe too
+            if not process.is_alive() and not receiver.poll(0):
+                process.join(POLL_SECONDS)
+                raise RuntimeError(f"loader worker {worker} died (exit code {process.exitcode}) building batch "
+                                   f"{batch}")
+        return receiver.recv()
 
     def __getitem__(self, batch: int) -> tuple[np.ndarray, ...]:
         batch = int(batch)
