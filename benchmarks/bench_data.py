@@ -36,7 +36,7 @@ from mindspore.dataset import vision  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from src.config import OPTIONS  # noqa: E402
-from src.data.pipeline import EvalBatches, create_eval_loader, create_train_loader  # noqa: E402
+from src.data.pipeline import create_eval_loader, create_train_loader  # noqa: E402
 
 SIDE = 224
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -74,9 +74,7 @@ def ours_eval(root, batch_size, workers):
     """eval.py reads its 100,000 images in one pass, so the epochs here are one pass over the images EPOCHS times:
     `repeat` would drain the workers every 256 images."""
     loader = create_eval_loader(recipe(root, batch_size, workers, True), SIDE)
-    items = loader.items
-    loader.items = EvalBatches(items.source, items.indices * EPOCHS, items.batch_size, items.transform,
-                               items.skip_corrupt)
+    loader.items.indices = loader.items.indices * EPOCHS  # the batches follow their indices
     return loader.dataset()
 
 

@@ -180,12 +180,10 @@ class Loader:
     skipped: set[str] = field(default_factory=set)
 
     def _pipeline(self, start: int) -> tuple[ds.Dataset, SharedMemoryBatches | None]:
-        if not (self.processes and self.workers > 1):
-            return ds.GeneratorDataset(self.items, self.items.columns, sampler=ds.SequentialSampler(start_index=start),
-                                       num_parallel_workers=self.workers, python_multiprocessing=False), None
-        shared = SharedMemoryBatches(self.items, self.workers, start)
-        return ds.GeneratorDataset(shared, shared.columns, sampler=ds.SequentialSampler(start_index=start),
-                                   num_parallel_workers=1, python_multiprocessing=False), shared
+        shared = SharedMemoryBatches(self.items, self.workers, start) if self.processes and self.workers > 1 else None
+        source, threads = (self.items, self.workers) if shared is None else (shared, 1)  # shared: read in order
+        return ds.GeneratorDataset(source, self.items.columns, sampler=ds.SequentialSampler(start_index=start),
+                                   num_parallel_workers=threads, python_multiprocessing=False), shared
 
     def dataset(self, start: int = 0) -> ds.Dataset:
         """The mindspore.dataset pipeline from batch `start` on. Worker processes (more than one) hand their

@@ -73,7 +73,6 @@ class SharedMemoryBatches:
 
     def __init__(self, items, workers: int, start: int = 0):
         self.items = items
-        self.columns = items.columns
         self.workers = workers
         self.start = start
         self.parent = os.getpid()
