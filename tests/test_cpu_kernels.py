@@ -1,7 +1,11 @@
-"""The AOT CPU kernels (LayerNorm, erf GELU, head permutations, token resampling): NumPy's numbers, used only where
-they may be, a safe fallback."""
+"""The AOT CPU kernels (LayerNorm, erf GELU with and without a bias, the q/k/v split and head merge, token
+resampling): NumPy's numbers, used only where they may be, a safe fallback."""
 
+import concurrent.futures
+import ctypes
 import os
+import signal
+import time
 
 import mindspore as ms
 import numpy as np
@@ -10,9 +14,10 @@ from scipy.special import erf
 
 from src import native
 from src.models import cpu_kernels
-from src.models.layers import GELU, HeadPermute, LayerNorm, use_stock_ops
+from src.models.layers import GELU, Attention, HeadPermute, LayerNorm, Mlp, use_stock_ops
 from src.models.reuse import TokenResample, sparse_rows, token_resample_matrix
-from src.models.tokenizers import TokenPerformer
+from src.models.spec import DEIT, DVTSpec
+from src.models.tokenizers import PatchEmbed, TokenPerformer
 
 
 @pytest.fixture
@@ -56,14 +61,61 @@ def test_layer_norm_kernel_equals_numpy(shape, eps):
     np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("perm,shape", [((2, 0, 3, 1, 4), (2, 5, 3, 4, 8)), ((0, 2, 1, 3), (3, 4, 7, 16))])
-def test_head_permute_kernel_equals_numpy_transpose(perm, shape):
-    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+def test_head_merge_kernel_equals_numpy_transpose():
+    perm = (0, 2, 1, 3)
+    x = np.random.default_rng(3).normal(size=(3, 4, 7, 16)).astype(np.float32)
     fast, stock = eval_cell(HeadPermute(perm)), eval_cell(HeadPermute(perm))
     assert fast.fast_kernel is not None
     use_stock_ops(stock)
     np.testing.assert_array_equal(fast(ms.Tensor(x)).asnumpy(), np.transpose(x, perm))  # a copy: bit for bit
     np.testing.assert_array_equal(stock(ms.Tensor(x)).asnumpy(), np.transpose(x, perm))
+
+
+def twin_cells(make):
+    """The same cell twice with the same random weights: one on the kernels, one on MindSpore's ops."""
+    fast, stock = eval_cell(make()), eval_cell(make())
+    assert fast.fast_kernel is not None
+    rng = np.random.default_rng(6)
+    for p in fast.get_parameters():
+        p.set_data(ms.Tensor(rng.normal(scale=0.5, size=p.shape).astype(np.float32)))
+    ms.load_param_into_net(stock, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in fast.get_parameters()})
+    use_stock_ops(stock)
+    return fast, stock
+
+
+def dense64(x, layer):
+    return x @ layer.weight.asnumpy().astype(np.float64).T + layer.bias.asnumpy()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 12), (4, 1100, 12)])  # the second splits over threads (> 2 x 2^21)
+def test_mlp_kernel_adds_fc1_bias_inside_gelu_as_numpy_does(shape):
+    fast, stock = twin_cells(lambda: Mlp(12, 1000, 5))
+    x = np.random.default_rng(7).normal(size=shape).astype(np.float32)
+    hidden = dense64(x.astype(np.float64), fast.fc1)
+    want = dense64(0.5 * hidden * (1 + erf(hidden / np.sqrt(2))), fast.fc2)
+    np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_attention_kernel_splits_qkv_with_its_bias_as_numpy_does(qkv_bias):
+    batch, tokens, heads, head_dim = 3, 5, 2, 4
+    fast, stock = twin_cells(lambda: Attention(heads * head_dim, heads, tokens, qkv_bias))
+    x = np.random.default_rng(8).normal(size=(batch, tokens, heads * head_dim)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    qkv = x64 @ fast.qkv.weight.asnumpy().astype(np.float64).T + (fast.qkv.bias.asnumpy() if qkv_bias else 0)
+    want_q, want_k, want_v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = fast.split_heads(ms.Tensor(x))
+    for got, want in ((q, want_q), (k, want_k), (v, want_v)):
+        np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-5)
+    logits = want_q @ want_k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    merged = (attn @ want_v).transpose(0, 2, 1, 3).reshape(batch, tokens, heads * head_dim)
+    for cell in (fast, stock):
+        out, got_logits = cell(ms.Tensor(x))
+        np.testing.assert_allclose(got_logits.asnumpy(), logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.asnumpy(), dense64(merged, fast.proj), rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_rows_hold_every_non_zero_of_the_resample_matrix():
@@ -92,6 +144,23 @@ def test_token_resample_kernel_equals_the_dense_matrix_in_float64(src, dst, keep
     np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", [3, 4, 5])  # padding 1 and a cropped last pixel, none, padding 2 and a crop
+def test_patch_cut_kernel_gives_the_patch_conv_of_numpy(grid):
+    spec = DVTSpec(family=DEIT, embed_dim=6, depth=1, num_heads=1, mlp_ratio=1.0, img_size=32, grids=(grid,))
+    tok = spec.tokenizers[0]
+    fast, stock = twin_cells(lambda: PatchEmbed(spec, tok))
+    image = np.random.default_rng(9).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    padded = np.pad(image.astype(np.float64), ((0, 0), (0, 0), (tok.padding,) * 2, (tok.padding,) * 2))
+    weight, bias = fast.proj.weight.asnumpy().astype(np.float64), fast.proj.bias.asnumpy()
+    want = np.empty((2, grid * grid, 6))
+    for gy in range(grid):
+        for gx in range(grid):
+            window = padded[:, :, gy * tok.kernel:(gy + 1) * tok.kernel, gx * tok.kernel:(gx + 1) * tok.kernel]
+            want[:, gy * grid + gx] = np.einsum("bcyx,dcyx->bd", window, weight) + bias
+    np.testing.assert_allclose(fast(ms.Tensor(image)).asnumpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stock(ms.Tensor(image)).asnumpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_performer_kernels_equal_the_float64_formula():
     """phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(m) and y / (normaliser + 1e-8), fused in kernels, against NumPy."""
     rng = np.random.default_rng(5)
@@ -114,6 +183,50 @@ def test_performer_kernels_equal_the_float64_formula():
                                fast.epsilon_tensor)
     np.testing.assert_allclose(divided.asnumpy(), want_divided, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), stock(ms.Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def gelu_by_library(x: np.ndarray) -> np.ndarray:
+    """The library's ErfGelu called directly through its AOT interface, outside MindSpore."""
+    library = ctypes.CDLL(cpu_kernels.library_path())
+    y = np.empty_like(x)
+    shape = (ctypes.c_int64 * x.ndim)(*x.shape)
+    params = (ctypes.c_void_p * 2)(x.ctypes.data, y.ctypes.data)
+    ndims = (ctypes.c_int * 2)(x.ndim, x.ndim)
+    shapes = (ctypes.POINTER(ctypes.c_int64) * 2)(shape, shape)
+    assert library.ErfGelu(2, params, ndims, shapes, None, None, None) == 0
+    return y
+
+
+BIG = np.random.default_rng(10).normal(size=(8, 1 << 16)).astype(np.float32)  # split over the helper threads
+
+
+def big_gelu_is_right() -> bool:
+    want = 0.5 * BIG.astype(np.float64) * (1 + erf(BIG.astype(np.float64) / np.sqrt(2)))
+    return np.allclose(gelu_by_library(BIG), want, rtol=2e-6, atol=1e-6)
+
+
+def test_kernels_called_from_two_threads_at_once_both_finish_right():
+    """MindSpore may launch two kernels at once; the helper threads serve one, the other runs on its caller."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # ctypes releases the GIL during the calls
+        assert all(pool.map(lambda _: big_gelu_is_right(), range(16)))
+
+
+def test_a_forked_child_runs_the_kernels_without_the_parents_helpers():
+    """Helper threads do not survive a fork: a child must not wait for them (it runs the kernel alone)."""
+    assert big_gelu_is_right()  # the parent's helpers exist
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if big_gelu_is_right() else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child hung in a kernel")
 
 
 def test_training_uses_mindspore_ops_so_gradients_exist():

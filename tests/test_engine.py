@@ -187,14 +187,16 @@ def test_resume_skips_damaged_states_and_names_them(step_parts, tmp_path):
     assert [p for _, p in manager.train_states()] == [middle, os.path.join(str(tmp_path), "dvt_tiny_deit-e0001.ckpt")]
 
 
-@pytest.mark.parametrize("level", ["O2", "auto"])
-def test_mixed_precision_keeps_norms_and_performer_fp32(level):
+@pytest.mark.parametrize("level,model", [("O2", "dvt_tiny_t2t"), ("auto", "dvt_tiny_t2t"), ("auto", "dvt_tiny_deit")])
+def test_mixed_precision_keeps_norms_and_performer_fp32(level, model):
+    """fp16 where amp puts it, and only there: the fp32 kernels that add a MatMul's bias must see that "auto" ran
+    the MatMul in fp16 (they read garbage otherwise)."""
     ms.set_seed(0)
-    reference = create_model("dvt_tiny_t2t", drop_path_rate=0.0)
+    reference = create_model(model, drop_path_rate=0.0)
     reference.set_train(False)
     images = ms.Tensor(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32))
     expected = [o.asnumpy() for o in reference(images)]
-    net = create_model("dvt_tiny_t2t", drop_path_rate=0.0)
+    net = create_model(model, drop_path_rate=0.0)
     ms.load_param_into_net(net, {p.name: p for p in reference.get_parameters()})
     apply_amp(net, level)
     net.set_train(False)

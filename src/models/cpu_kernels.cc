@@ -1,17 +1,22 @@
-// LayerNorm over the last axis, erf GELU, attention's head permutations, the T2T performer's per-token scalars
-// and the reuse paths' token resampling (fp32 inference), and the keyed dropout masks (training), for
+// LayerNorm over the last axis, erf GELU (alone or after a bias), attention's q/k/v split (with its bias) and head
+// merge, DeiT's patch cut, the T2T performer's per-token scalars and the reuse paths' token resampling (fp32
+// inference), and the keyed dropout masks (training), for
 // MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
 // stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
 // vectorised erff (libmvec), which is most of the gain for GELU.
-// Work is split over short-lived std::threads rather than OpenMP: libgomp's threads spin after each kernel
-// and took the cores from MindSpore's own thread pool (the whole model ran slower with OpenMP than without).
+// Work is split over helper threads of our own (HelperPool) rather than OpenMP: libgomp's threads spin after each
+// kernel and took the cores from MindSpore's own thread pool (the whole model ran slower with OpenMP than without).
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -31,25 +36,76 @@ int UsableCores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// Helper threads that sleep between kernels. Threads started per call waited for a core: MindSpore's thread pool
+// keeps the other cores spinning between its ops, and a new thread does not preempt them where a woken sleeper
+// does (in a DeiT-S cascade, LayerNorm, GELU and the head permutes ran faster on one thread than on two started
+// per call). Helpers never spin, for the same reason: OpenMP's spinning threads made the whole model slower.
+class HelperPool {
+ public:
+  explicit HelperPool(int helpers) : owner_(getpid()) {
+    for (int helper = 1; helper <= helpers; ++helper) std::thread([this, helper] { Serve(helper); }).detach();
+    helpers_ = helpers;
+  }
+
+  // Runs part(0) here and part(1) .. part(parts - 1) on helpers; false (nothing run) when the pool is busy with
+  // another caller's kernel, too small, or inherited by a forked child (whose helpers did not survive the fork).
+  bool TryRun(int parts, const std::function<void(int)> &part) {
+    if (parts - 1 > helpers_ || getpid() != owner_) return false;
+    std::unique_lock<std::mutex> caller(busy_, std::try_to_lock);
+    if (!caller.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      part_ = &part;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    part(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    return true;
+  }
+
+ private:
+  void Serve(int helper) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (helper >= parts_) continue;
+      const std::function<void(int)> *part = part_;
+      lock.unlock();
+      (*part)(helper);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  const pid_t owner_;
+  int helpers_ = 0;
+  std::mutex busy_;  // one kernel at a time: MindSpore may launch two kernels at once
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)> *part_ = nullptr;
+  int parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
 // Calls body(begin, end) on contiguous parts of [0, items), in parallel when there is enough work.
 template <typename Body>
 void ParallelFor(int64_t items, int64_t work_per_item, Body body) {
   static const int cores = UsableCores();
+  static HelperPool *const helpers = new HelperPool(cores - 1);  // never destroyed: the helpers outlive exit
   const int64_t by_work = std::max<int64_t>(1, items * work_per_item / kMinWorkPerThread);
   const int parts = static_cast<int>(std::min<int64_t>({cores, by_work, items}));
-  if (parts <= 1) {
-    body(0, items);
-    return;
-  }
-  std::vector<std::thread> helpers;
-  helpers.reserve(parts - 1);
-  const int64_t step = (items + parts - 1) / parts;
-  for (int p = 1; p < parts; ++p) {
+  const int64_t step = parts > 1 ? (items + parts - 1) / parts : items;
+  const std::function<void(int)> part = [&](int p) {
     const int64_t begin = p * step, end = std::min(items, begin + step);
-    if (begin < end) helpers.emplace_back(body, begin, end);
-  }
-  body(0, std::min(items, step));
-  for (auto &helper : helpers) helper.join();
+    if (begin < end) body(begin, end);
+  };
+  if (parts <= 1 || !helpers->TryRun(parts, part)) body(0, items);
 }
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
@@ -73,6 +129,9 @@ uint64_t ElementDraw(uint64_t salt, int64_t index, float value) {
   return Mix(Mix(salt + static_cast<uint64_t>(index) * kGolden) ^ Bits(value)) >> 40;
 }
 
+// The exact (erf) GELU, as torch's default.
+inline float Gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+
 }  // namespace
 
 // params: x, y
@@ -85,7 +144,28 @@ extern "C" int ErfGelu(int nparam, void **params, int *ndims, int64_t **shapes, 
   ParallelFor(count, 1, [x, y](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
-      y[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
+      y[i] = Gelu(x[i]);
+    }
+  });
+  return 0;
+}
+
+// GELU of x + bias: a Dense layer's bias added on the way into GELU instead of in a pass of its own.
+// params: x [rows, width], bias [width], y [rows, width]
+extern "C" int BiasErfGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = ElementCount(ndims[0], shapes[0]) / width;
+  ParallelFor(rows, width, [=](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float *in = x + r * width;
+      float *out = y + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[i] = Gelu(in[i] + bias[i]);
     }
   });
   return 0;
@@ -123,21 +203,28 @@ extern "C" int LayerNormLastAxis(int nparam, void **params, int *ndims, int64_t 
 
 // Attention's head permutations (fp32 inference), copies of head_dim-float rows without the per-element
 // offset table that MindSpore's CPU Transpose builds and keeps for a constant perm (8 bytes per element).
-// params: qkv [B, N, 3, H, hd], out [3, B, H, N, hd]
-extern "C" int SplitHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  if (nparam != 2 || ndims[0] != 5) return 1;
+// SplitQkv also adds the qkv layer's bias and writes q, k and v apart, in place of a BiasAdd, a transpose and
+// three gathers.
+// params: qkv [B * N, 3 * H * hd] (a Dense layer's output before its bias), bias [3 * H * hd], q, k, v [B, H, N, hd]
+extern "C" int SplitQkv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                        void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[2] != 4) return 1;
   const float *qkv = static_cast<const float *>(params[0]);
-  float *out = static_cast<float *>(params[1]);
-  const int64_t batch = shapes[0][0], tokens = shapes[0][1], parts = shapes[0][2], heads = shapes[0][3];
-  const int64_t width = shapes[0][4];
-  ParallelFor(batch * tokens, parts * heads * width, [=](int64_t first, int64_t last) {
+  const float *bias = static_cast<const float *>(params[1]);
+  float *parts[3] = {static_cast<float *>(params[2]), static_cast<float *>(params[3]), static_cast<float *>(params[4])};
+  const int64_t heads = shapes[2][1], tokens = shapes[2][2], width = shapes[2][3], dim = heads * width;
+  const int64_t rows = shapes[0][0];
+  if (shapes[0][1] != 3 * dim || rows != shapes[2][0] * tokens) return 1;
+  ParallelFor(rows, 3 * dim, [=](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t b = row / tokens, n = row % tokens;
-      for (int64_t s = 0; s < parts; ++s) {
+      for (int64_t s = 0; s < 3; ++s) {
         for (int64_t h = 0; h < heads; ++h) {
-          const float *from = qkv + ((row * parts + s) * heads + h) * width;
-          std::memcpy(out + (((s * batch + b) * heads + h) * tokens + n) * width, from, width * sizeof(float));
+          const float *from = qkv + row * 3 * dim + s * dim + h * width;
+          const float *add = bias + s * dim + h * width;
+          float *to = parts[s] + ((b * heads + h) * tokens + n) * width;
+#pragma omp simd
+          for (int64_t i = 0; i < width; ++i) to[i] = from[i] + add[i];
         }
       }
     }
@@ -206,6 +293,39 @@ extern "C" int DivideRows(int nparam, void **params, int *ndims, int64_t **shape
       const float divisor = normaliser[r] + epsilon;
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) out[r * width + i] = y[r * width + i] / divisor;
+    }
+  });
+  return 0;
+}
+
+// DeiT's patch embedding cut (fp32 inference): the patches of a zero-padded image, one row of (channel, y, x) per
+// patch, in place of MindSpore's CPU pad (about 16 ms for a (4, 3, 230, 230) batch), a crop and a 6-D transpose.
+// params: image [B, C, H, W], geometry [patch, grid, padding] int32, out [B * grid * grid, C * patch * patch]
+extern "C" int CutPatches(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 3 || ndims[0] != 4) return 1;
+  const float *image = static_cast<const float *>(params[0]);
+  const int32_t *geometry = static_cast<const int32_t *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t batch = shapes[0][0], channels = shapes[0][1], height = shapes[0][2], width = shapes[0][3];
+  const int64_t patch = geometry[0], grid = geometry[1], padding = geometry[2];
+  if (shapes[2][0] != batch * grid * grid || shapes[2][1] != channels * patch * patch) return 1;
+  ParallelFor(batch * grid, grid * channels * patch * patch, [=](int64_t first, int64_t last) {
+    for (int64_t band = first; band < last; ++band) {  // a row of patches: image b, patch row gy
+      const int64_t b = band / grid, gy = band % grid;
+      for (int64_t c = 0; c < channels; ++c) {
+        for (int64_t ky = 0; ky < patch; ++ky) {
+          const int64_t y = gy * patch + ky - padding;
+          const float *line = image + ((b * channels + c) * height + y) * width;
+          for (int64_t gx = 0; gx < grid; ++gx) {
+            float *to = out + (band * grid + gx) * channels * patch * patch + (c * patch + ky) * patch;
+            for (int64_t kx = 0; kx < patch; ++kx) {
+              const int64_t x = gx * patch + kx - padding;
+              to[kx] = (y >= 0 && y < height && x >= 0 && x < width) ? line[x] : 0.0f;
+            }
+          }
+        }
+      }
     }
   });
   return 0;

@@ -1,6 +1,7 @@
 """CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; attention's head
 permutations, the reuse paths' sparse resampling and the performer's per-token scalars, where MindSpore's CPU ops
-keep per-element index tables or do dense work; reproducible dropout masks.
+keep per-element index tables or do dense work; a Dense layer's bias added inside the GELU or the q/k/v split
+that follows it, and DeiT's patch cut, each in place of passes of MindSpore's own; reproducible dropout masks.
 
 MindSpore's CPU LayerNorm and erf GELU take about 22x and 23-45x torch's time (measured beside torch 2.13 on
 the same machine); they are about 10% and 20% of a DVT forward here. `cpu_kernels.cc` implements both as AOT
@@ -37,16 +38,16 @@ def same_as_first(*args):
     return args[0]
 
 
-def custom_op(function: str, out_shape=same_as_first, bprop=None) -> ops.Custom | None:
+def custom_op(function: str, out_shape=same_as_first, bprop=None, outputs: int = 1) -> ops.Custom | None:
     """The AOT op `function` of the library, for the current device; None off CPU or without the library.
 
-    `out_shape` maps the input shapes to the output's (default: the first input's); the output has the first
-    input's dtype. `bprop` is the op's backward, for ops used in training graphs.
+    `out_shape` maps the input shapes to the output's (default: the first input's), or to a list of `outputs`
+    shapes; every output has the first input's dtype. `bprop` is the op's backward, for ops used in training graphs.
     """
     if ms.get_context("device_target") != "CPU":
         return None
     path = library_path()
     if path is None:
         return None
-    return ops.Custom(f"{path}:{function}", out_shape=out_shape, out_dtype=same_as_first, func_type="aot",
-                      bprop=bprop)
+    out_dtype = same_as_first if outputs == 1 else lambda first, *_: [first] * outputs  # a list, as out_shape gives
+    return ops.Custom(f"{path}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)

@@ -127,8 +127,14 @@ def torch_default_uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
     return initializer(Uniform(scale=1.0 / math.sqrt(fan_in)), shape)
 
 
+def matmul_rows(layer: nn.Dense, x):
+    """The MatMul of `layer` alone on x (..., in) as rows (-1, out), for a kernel that adds the bias. Its dtype says
+    whether it ran in fp32: amp's "auto" level casts MatMul to fp16 inside the graph, after x's dtype is known."""
+    return layer.matmul(x.reshape(-1, layer.in_channels), layer.weight)
+
+
 class Mlp(nn.Cell):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout; fp32 CPU inference adds fc1's bias inside the GELU kernel."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, drop: float = 0.0):
         super().__init__()
@@ -136,8 +142,14 @@ class Mlp(nn.Cell):
         self.act = gelu()
         self.fc2 = dense(hidden_features, out_features)
         self.drop = Dropout(drop)
+        self.out_features = out_features
+        self.fast_kernel = cpu_kernels.custom_op("BiasErfGelu")
 
     def construct(self, x):
+        if self.fast_kernel is not None and not self.training and x.dtype == ms.float32:
+            rows = matmul_rows(self.fc1, x)
+            if rows.dtype == ms.float32:
+                return self.fc2(self.fast_kernel(rows, self.fc1.bias)).reshape(x.shape[:-1] + (self.out_features,))
         x = self.drop(self.act(self.fc1(x)))
         return self.drop(self.fc2(x))
 
@@ -149,7 +161,7 @@ class HeadPermute(nn.Cell):
     0.16 GB of T2T-ViT-12's peak at micro-batch 4 over the q/k/v split and the head merge (README, "Speed").
     """
 
-    KERNELS = {(2, 0, 3, 1, 4): "SplitHeads", (0, 2, 1, 3): "MergeHeads"}
+    KERNELS = {(0, 2, 1, 3): "MergeHeads"}
 
     def __init__(self, perm: tuple[int, ...]):
         super().__init__()
@@ -166,7 +178,8 @@ class HeadPermute(nn.Cell):
 class Attention(nn.Cell):
     """Multi-head self-attention that returns its pre-softmax logits and accepts an additive logit bias.
 
-    The returned logits are scaled and include the bias: exactly what the next DVT stage reuses.
+    The returned logits are scaled and include the bias: exactly what the next DVT stage reuses. fp32 CPU inference
+    adds the qkv bias and splits q, k and v into heads in one kernel (`fast_kernel`).
     """
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, qkv_bias: bool = False,
@@ -178,7 +191,10 @@ class Attention(nn.Cell):
         self.dim = dim
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
-        self.split_heads = HeadPermute((2, 0, 3, 1, 4))  # (B, N, 3, H, hd) -> (3, B, H, N, hd)
+        self.zero_qkv_bias = None if qkv_bias else Tensor(np.zeros(3 * dim, np.float32))  # the kernel adds a bias
+        head_shape = [int(num_heads), int(num_tokens), self.head_dim]
+        self.fast_kernel = cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0] // head_shape[1],
+                                                                                          *head_shape]] * 3, outputs=3)
         self.attn_drop = Dropout(attn_drop)
         self.merge_heads = HeadPermute((0, 2, 1, 3))  # (B, H, N, hd) -> (B, N, H, hd)
         self.proj = dense(dim, dim)
@@ -187,13 +203,19 @@ class Attention(nn.Cell):
         self.av_matmul = ops.BatchMatMul()
         self.q_index, self.k_index, self.v_index = (Tensor(index, ms.int32) for index in range(3))  # along qkv's axis 0
 
-    def construct(self, x, logit_bias=None):
-        qkv = self.split_heads(self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim))
+    def split_heads(self, x):
+        """q, k and v, each (B, H, N, hd), of the tokens x (B, N, D)."""
+        if self.fast_kernel is not None and not self.training and x.dtype == ms.float32:
+            rows = matmul_rows(self.qkv, x)
+            if rows.dtype == ms.float32:
+                return self.fast_kernel(rows, self.qkv.bias if self.zero_qkv_bias is None else self.zero_qkv_bias)
+        qkv = self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         # gather, not qkv[0] / qkv[1] / qkv[2]: MindSpore's CPU StridedSlice took 43% of a T2T-ViT-12 cascade's
         # op time here, gather a tenth of that, with the same values (README, "Speed"); ONNX export has no Unstack
-        q = ops.gather(qkv, self.q_index, 0)
-        k = ops.gather(qkv, self.k_index, 0)
-        v = ops.gather(qkv, self.v_index, 0)
+        return ops.gather(qkv, self.q_index, 0), ops.gather(qkv, self.k_index, 0), ops.gather(qkv, self.v_index, 0)
+
+    def construct(self, x, logit_bias=None):
+        q, k, v = self.split_heads(x)
         # Logits and softmax stay fp32 under mixed precision: the next stage reuses these logits.
         logits = self.qk_matmul(q, k).astype(ms.float32) * self.scale
         if logit_bias is not None:

@@ -217,11 +217,14 @@ class PatchEmbed(nn.Cell):
         self.crop = self.span < spec.img_size + 2 * tok.padding
         self.matmul_bt = ops.MatMul(transpose_b=True)
         self.portable = False
+        self.geometry = Tensor(np.array([self.patch, self.grid, self.padding], np.int32))
+        self.fast_kernel = None if not self.as_matmul else cpu_kernels.custom_op(
+            "CutPatches", out_shape=lambda image, _: [image[0] * self.num_patches, image[1] * self.patch ** 2])
 
-    def construct(self, image):
-        if not self.as_matmul:
-            x = self.proj(image).reshape(-1, self.embed_dim, self.num_patches)
-            return x.transpose(0, 2, 1)
+    def cut_patches(self, image):
+        """(B * g * g, C * k * k): the patches of the (padded) image, row-major, each as (channel, y, x)."""
+        if self.fast_kernel is not None and not self.training and image.dtype == ms.float32:
+            return self.fast_kernel(image, self.geometry)  # MindSpore's CPU pad alone took longer
         if self.padding and self.portable:
             image = concat_pad(image, self.padding)
         elif self.padding:
@@ -230,7 +233,13 @@ class PatchEmbed(nn.Cell):
             image = image[:, :, :self.span, :self.span]
         g, k = self.grid, self.patch
         patches = image.reshape(-1, self.in_chans, g, k, g, k).transpose(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(-1, self.in_chans * k * k)
+        return patches.reshape(-1, self.in_chans * k * k)
+
+    def construct(self, image):
+        if not self.as_matmul:
+            x = self.proj(image).reshape(-1, self.embed_dim, self.num_patches)
+            return x.transpose(0, 2, 1)
+        patches = self.cut_patches(image)
         tokens = self.matmul_bt(patches, self.proj.weight.reshape(self.embed_dim, -1)) + self.proj.bias
         return tokens.reshape(-1, self.num_patches, self.embed_dim)
 
