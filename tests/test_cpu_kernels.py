@@ -1,5 +1,5 @@
-"""The AOT CPU kernels (LayerNorm, erf GELU with and without a bias, the q/k/v split and head merge, token
-resampling): NumPy's numbers, used only where they may be, a safe fallback."""
+"""The AOT CPU kernels (LayerNorm, erf GELU with and without a bias, the q/k/v split, softmax and head merge, unfold,
+token resampling): NumPy's numbers, used only where they may be, a safe fallback."""
 
 import concurrent.futures
 import ctypes
@@ -10,14 +10,15 @@ import time
 import mindspore as ms
 import numpy as np
 import pytest
+from numpy_dvt import unfold
 from scipy.special import erf
 
 from src import native
 from src.models import cpu_kernels
-from src.models.layers import GELU, Attention, HeadPermute, LayerNorm, Mlp, use_stock_ops
+from src.models.layers import GELU, Attention, HeadPermute, LayerNorm, Mlp, ScaledSoftmax, use_stock_ops
 from src.models.reuse import TokenResample, sparse_rows, token_resample_matrix
 from src.models.spec import DEIT, DVTSpec
-from src.models.tokenizers import PatchEmbed, TokenPerformer
+from src.models.tokenizers import PatchEmbed, SoftSplit, TokenPerformer
 
 
 @pytest.fixture
@@ -144,21 +145,66 @@ def test_token_resample_kernel_equals_the_dense_matrix_in_float64(src, dst, keep
     np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("grid", [3, 4, 5])  # padding 1 and a cropped last pixel, none, padding 2 and a crop
-def test_patch_cut_kernel_gives_the_patch_conv_of_numpy(grid):
+def patch_embed_of_grid(grid: int) -> tuple[PatchEmbed, PatchEmbed]:
     spec = DVTSpec(family=DEIT, embed_dim=6, depth=1, num_heads=1, mlp_ratio=1.0, img_size=32, grids=(grid,))
-    tok = spec.tokenizers[0]
-    fast, stock = twin_cells(lambda: PatchEmbed(spec, tok))
-    image = np.random.default_rng(9).normal(size=(2, 3, 32, 32)).astype(np.float32)
-    padded = np.pad(image.astype(np.float64), ((0, 0), (0, 0), (tok.padding,) * 2, (tok.padding,) * 2))
-    weight, bias = fast.proj.weight.asnumpy().astype(np.float64), fast.proj.bias.asnumpy()
-    want = np.empty((2, grid * grid, 6))
+    return twin_cells(lambda: PatchEmbed(spec, spec.tokenizers[0]))
+
+
+def patch_conv64(cell: PatchEmbed, image: np.ndarray) -> np.ndarray:
+    """The strided conv of `cell`'s weights over the zero-padded image, window by window in float64."""
+    k, pad, grid = cell.patch, cell.padding, cell.grid
+    padded = np.pad(image.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    weight, bias = cell.proj.weight.asnumpy().astype(np.float64), cell.proj.bias.asnumpy()
+    want = np.empty((image.shape[0], grid * grid, weight.shape[0]))
     for gy in range(grid):
         for gx in range(grid):
-            window = padded[:, :, gy * tok.kernel:(gy + 1) * tok.kernel, gx * tok.kernel:(gx + 1) * tok.kernel]
+            window = padded[:, :, gy * k:(gy + 1) * k, gx * k:(gx + 1) * k]
             want[:, gy * grid + gx] = np.einsum("bcyx,dcyx->bd", window, weight) + bias
+    return want
+
+
+@pytest.mark.parametrize("grid", [3, 4, 5])  # padding 1 and a cropped last pixel, none, padding 2 and a crop
+def test_patch_cut_kernel_gives_the_patch_conv_of_numpy(grid):
+    fast, stock = patch_embed_of_grid(grid)
+    image = np.random.default_rng(9).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    want = patch_conv64(fast, image)
     np.testing.assert_allclose(fast(ms.Tensor(image)).asnumpy(), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stock(ms.Tensor(image)).asnumpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pynative_mode_gives_each_op_of_a_kernel_its_own_output_shape():
+    """PyNative caches an op's output shape by name, attributes and input shapes: DeiT's stages cut the same image
+    into different grids, and two attentions may split q/k/v rows of one shape into different token counts."""
+    image = np.random.default_rng(9).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    embeds = [patch_embed_of_grid(grid)[0] for grid in (3, 4)]
+    attentions = [eval_cell(Attention(8, 2, tokens)) for tokens in (5, 10)]
+    tokens = [np.random.default_rng(tokens).normal(size=(20 // tokens, tokens, 8)).astype(np.float32)
+              for tokens in (5, 10)]  # both are 20 rows of qkv
+    graph_logits = [cell(ms.Tensor(x))[1].asnumpy() for cell, x in zip(attentions, tokens, strict=True)]
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        for cell in embeds:
+            want = patch_conv64(cell, image)
+            np.testing.assert_allclose(cell(ms.Tensor(image)).asnumpy(), want, rtol=1e-5, atol=1e-5)
+        for cell, x, want in zip(attentions, tokens, graph_logits, strict=True):
+            np.testing.assert_allclose(cell(ms.Tensor(x))[1].asnumpy(), want, rtol=1e-6, atol=1e-6)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.mark.parametrize("from_tokens", [False, True])
+@pytest.mark.parametrize("channels, side, kernel, stride, padding",
+                         [(3, 32, 7, 4, 2), (5, 9, 3, 2, 1), (4, 12, 3, 2, 0)])
+def test_soft_split_kernel_is_numpy_unfold_from_a_map_or_tokens(from_tokens, channels, side, kernel, stride, padding):
+    """T2T's soft split: a copy, so bit for bit; tokens (B, side*side, C) are the map (B, C, side, side) re-folded."""
+    image = np.random.default_rng(side).normal(size=(2, channels, side, side)).astype(np.float32)
+    want = unfold(image, kernel, stride, padding).transpose(0, 2, 1).astype(np.float32)
+    x = ms.Tensor(image.reshape(2, channels, side * side).transpose(0, 2, 1).copy() if from_tokens else image)
+    fast, stock = (eval_cell(SoftSplit(channels, side, kernel, stride, padding, from_tokens)) for _ in range(2))
+    assert fast.fast_kernel is not None
+    use_stock_ops(stock)
+    np.testing.assert_array_equal(fast(x).asnumpy(), want)
+    np.testing.assert_array_equal(stock(x).asnumpy(), want)
 
 
 def test_performer_kernels_equal_the_float64_formula():
@@ -195,6 +241,25 @@ def gelu_by_library(x: np.ndarray) -> np.ndarray:
     shapes = (ctypes.POINTER(ctypes.c_int64) * 2)(shape, shape)
     assert library.ErfGelu(2, params, ndims, shapes, None, None, None) == 0
     return y
+
+
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 6, 101, 101)])  # the second splits over the helper threads
+def test_softmax_kernel_gives_the_scaled_biased_logits_and_softmax_of_numpy(biased, shape):
+    rng = np.random.default_rng(9)
+    raw, bias = (rng.normal(scale=4.0, size=shape).astype(np.float32) for _ in range(2))
+    scale = 0.125
+    fast, stock = (eval_cell(ScaledSoftmax(scale, biased)) for _ in range(2))
+    assert fast.fast_kernel is not None
+    use_stock_ops(stock)
+    logits = raw.astype(np.float64) * scale + (bias if biased else 0.0)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    inputs = (ms.Tensor(raw), ms.Tensor(bias)) if biased else (ms.Tensor(raw),)
+    for cell in (fast, stock):
+        got_logits, got_attn = cell(*inputs)
+        np.testing.assert_allclose(got_logits.asnumpy(), logits, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_attn.asnumpy(), attn, rtol=1e-5, atol=1e-7)
 
 
 BIG = np.random.default_rng(10).normal(size=(8, 1 << 16)).astype(np.float32)  # split over the helper threads

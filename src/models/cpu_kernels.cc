@@ -1,6 +1,6 @@
-// LayerNorm over the last axis, erf GELU (alone or after a bias), attention's q/k/v split (with its bias) and head
-// merge, DeiT's patch cut, the T2T performer's per-token scalars and the reuse paths' token resampling (fp32
-// inference), and the keyed dropout masks (training), for
+// LayerNorm over the last axis, erf GELU (alone or after a bias), attention's q/k/v split (with its bias), softmax
+// and head merge, unfold (T2T's soft split, DeiT's patch cut), the T2T performer's per-token scalars and the reuse
+// paths' token resampling (fp32 inference), and the keyed dropout masks (training), for
 // MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
 // stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
@@ -22,7 +22,8 @@
 
 namespace {
 
-constexpr int64_t kMinWorkPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
+constexpr int64_t kMinWorkPerPart = 1 << 15;  // elements; below this a part costs more than it saves
+constexpr int kPartsPerCore = 4;
 
 int64_t ElementCount(int ndim, const int64_t *shape) {
   int64_t count = 1;
@@ -40,72 +41,75 @@ int UsableCores() {
 // keeps the other cores spinning between its ops, and a new thread does not preempt them where a woken sleeper
 // does (in a DeiT-S cascade, LayerNorm, GELU and the head permutes ran faster on one thread than on two started
 // per call). Helpers never spin, for the same reason: OpenMP's spinning threads made the whole model slower.
+// Parts are claimed, not assigned: a kernel wakes only the helpers it can use (no herd of idle helpers on a
+// many-core host), and the caller itself takes the parts no helper has woken up for yet.
 class HelperPool {
  public:
-  explicit HelperPool(int helpers) : owner_(getpid()) {
-    for (int helper = 1; helper <= helpers; ++helper) std::thread([this, helper] { Serve(helper); }).detach();
-    helpers_ = helpers;
+  explicit HelperPool(int helpers) : owner_(getpid()), helpers_(helpers) {
+    for (int helper = 0; helper < helpers; ++helper) std::thread([this] { Serve(); }).detach();
   }
 
-  // Runs part(0) here and part(1) .. part(parts - 1) on helpers; false (nothing run) when the pool is busy with
+  // Runs part(0) .. part(parts - 1), here and on `wanted` helpers; false (nothing run) when the pool is busy with
   // another caller's kernel, too small, or inherited by a forked child (whose helpers did not survive the fork).
-  bool TryRun(int parts, const std::function<void(int)> &part) {
-    if (parts - 1 > helpers_ || getpid() != owner_) return false;
+  bool TryRun(int parts, int wanted, const std::function<void(int)> &part) {
+    if (wanted > helpers_ || getpid() != owner_) return false;
     std::unique_lock<std::mutex> caller(busy_, std::try_to_lock);
     if (!caller.owns_lock()) return false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      part_ = &part;
-      parts_ = parts;
-      pending_ = parts - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    part(0);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    part_ = &part;
+    parts_ = parts;
+    next_part_ = 0;
+    unfinished_ = parts;
+    for (int helper = 0; helper < wanted; ++helper) wake_.notify_one();
+    RunClaimedParts(lock);
+    done_.wait(lock, [this] { return unfinished_ == 0; });
     return true;
   }
 
  private:
-  void Serve(int helper) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (helper >= parts_) continue;
+  // Claims and runs parts until none is left; `lock` holds mutex_ on entry and on return.
+  void RunClaimedParts(std::unique_lock<std::mutex> &lock) {
+    while (next_part_ < parts_) {
+      const int claimed = next_part_++;
       const std::function<void(int)> *part = part_;
       lock.unlock();
-      (*part)(helper);
+      (*part)(claimed);
       lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (--unfinished_ == 0) done_.notify_one();
+    }
+  }
+
+  void Serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return next_part_ < parts_; });
+      RunClaimedParts(lock);
     }
   }
 
   const pid_t owner_;
-  int helpers_ = 0;
+  const int helpers_;
   std::mutex busy_;  // one kernel at a time: MindSpore may launch two kernels at once
   std::mutex mutex_;
   std::condition_variable wake_, done_;
   const std::function<void(int)> *part_ = nullptr;
-  int parts_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
+  int parts_ = 0, next_part_ = 0, unfinished_ = 0;
 };
 
-// Calls body(begin, end) on contiguous parts of [0, items), in parallel when there is enough work.
+// Calls body(begin, end) on contiguous parts of [0, items), in parallel when there is enough work. A few parts per
+// core, claimed as they come: a helper that wakes late leaves the caller fewer parts, not one whole half, to run alone.
 template <typename Body>
 void ParallelFor(int64_t items, int64_t work_per_item, Body body) {
   static const int cores = UsableCores();
   static HelperPool *const helpers = new HelperPool(cores - 1);  // never destroyed: the helpers outlive exit
-  const int64_t by_work = std::max<int64_t>(1, items * work_per_item / kMinWorkPerThread);
-  const int parts = static_cast<int>(std::min<int64_t>({cores, by_work, items}));
+  const int64_t by_work = std::max<int64_t>(1, items * work_per_item / kMinWorkPerPart);
+  const int parts = static_cast<int>(std::min<int64_t>({kPartsPerCore * cores, by_work, items}));
   const int64_t step = parts > 1 ? (items + parts - 1) / parts : items;
   const std::function<void(int)> part = [&](int p) {
     const int64_t begin = p * step, end = std::min(items, begin + step);
     if (begin < end) body(begin, end);
   };
-  if (parts <= 1 || !helpers->TryRun(parts, part)) body(0, items);
+  if (parts <= 1 || !helpers->TryRun(parts, std::min(parts, cores) - 1, part)) body(0, items);
 }
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
@@ -131,6 +135,26 @@ uint64_t ElementDraw(uint64_t salt, int64_t index, float value) {
 
 // The exact (erf) GELU, as torch's default.
 inline float Gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+
+// e^x for softmax, in multiply-adds that vectorise (glibc's vector expf took 2.5x MindSpore's whole Softmax):
+// Cephes' expf, e^x = 2^n e^r with |r| <= ln 2 / 2 and a degree-6 polynomial, within 2 ulp; x below -87.3 (where
+// e^x leaves the normal floats) gives e^-87.3, 1.2e-38, which a softmax row's sum of at least 1 does not see.
+inline float Exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &exponent, sizeof(power));
+  return p * power;
+}
 
 }  // namespace
 
@@ -158,8 +182,7 @@ extern "C" int BiasErfGelu(int nparam, void **params, int *ndims, int64_t **shap
   const float *x = static_cast<const float *>(params[0]);
   const float *bias = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = ElementCount(ndims[0], shapes[0]) / width;
+  const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
   ParallelFor(rows, width, [=](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float *in = x + r * width;
@@ -180,8 +203,7 @@ extern "C" int LayerNormLastAxis(int nparam, void **params, int *ndims, int64_t 
   const float *beta = static_cast<const float *>(params[2]);
   const float epsilon = *static_cast<const float *>(params[3]);
   float *y = static_cast<float *>(params[4]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = ElementCount(ndims[0], shapes[0]) / width;
+  const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
   ParallelFor(rows, width, [=](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float *row = x + r * width;
@@ -232,6 +254,46 @@ extern "C" int SplitQkv(int nparam, void **params, int *ndims, int64_t **shapes,
   return 0;
 }
 
+// Attention's softmax with the logits it is taken of (fp32 inference): logits = raw * scale (+ bias), then the
+// softmax of each row, in one pass over the rows in place of MindSpore's Mul, Add and Softmax (three passes).
+// params: raw [..., N] (q k^T), [bias [..., N],] scale [1], logits [..., N], attn [..., N]
+extern "C" int ScaledSoftmax(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 4 && nparam != 5) return 1;
+  const bool biased = nparam == 5;
+  const float *raw = static_cast<const float *>(params[0]);
+  const float *bias = biased ? static_cast<const float *>(params[1]) : nullptr;
+  const float scale = *static_cast<const float *>(params[nparam - 3]);
+  float *logits = static_cast<float *>(params[nparam - 2]);
+  float *attn = static_cast<float *>(params[nparam - 1]);
+  const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
+  if (biased && ElementCount(ndims[1], shapes[1]) != rows * width) return 1;
+  ParallelFor(rows, 3 * width, [=](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float *in = raw + r * width;
+      float *logit = logits + r * width, *out = attn + r * width;
+      if (biased) {
+        const float *add = bias + r * width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) logit[i] = in[i] * scale + add[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) logit[i] = in[i] * scale;
+      }
+      float largest = logit[0];
+#pragma omp simd reduction(max : largest)
+      for (int64_t i = 1; i < width; ++i) largest = std::max(largest, logit[i]);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < width; ++i) sum += out[i] = Exp(logit[i] - largest);
+      const float inverse = 1.0f / sum;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[i] *= inverse;
+    }
+  });
+  return 0;
+}
+
 // params: x [B, H, N, hd], out [B, N, H, hd]
 extern "C" int MergeHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
@@ -262,7 +324,7 @@ extern "C" int PerformerFeatures(int nparam, void **params, int *ndims, int64_t 
   const float scale = *static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
   const int64_t features = shapes[0][ndims[0] - 1], width = shapes[1][ndims[1] - 1];
-  const int64_t rows = ElementCount(ndims[0], shapes[0]) / features;
+  const int64_t rows = ElementCount(ndims[0] - 1, shapes[0]);
   ParallelFor(rows, features + width, [=](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float *token = x + r * width;
@@ -286,8 +348,7 @@ extern "C" int DivideRows(int nparam, void **params, int *ndims, int64_t **shape
   const float *normaliser = static_cast<const float *>(params[1]);
   const float epsilon = *static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = ElementCount(ndims[0], shapes[0]) / width;
+  const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
   ParallelFor(rows, width, [=](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float divisor = normaliser[r] + epsilon;
@@ -298,30 +359,46 @@ extern "C" int DivideRows(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// DeiT's patch embedding cut (fp32 inference): the patches of a zero-padded image, one row of (channel, y, x) per
-// patch, in place of MindSpore's CPU pad (about 16 ms for a (4, 3, 230, 230) batch), a crop and a 6-D transpose.
-// params: image [B, C, H, W], geometry [patch, grid, padding] int32, out [B * grid * grid, C * patch * patch]
-extern "C" int CutPatches(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  if (nparam != 3 || ndims[0] != 4) return 1;
-  const float *image = static_cast<const float *>(params[0]);
+// torch's unfold (fp32 inference): the windows of a zero-padded map, one row of (channel, y, x) per window, for
+// T2T's soft splits and DeiT's patch cut (stride = kernel), in place of MindSpore's CPU Im2Col and the transpose
+// after it, or of its pad (about 16 ms for a (4, 3, 230, 230) batch), a crop and a 6-D transpose. The map is an
+// image [B, C, H, W] or, as T2T re-folds them, tokens [B, side * side, C] of a square map, read where they lie.
+// params: map, geometry [kernel, stride, grid, padding] int32, out [B * grid * grid, C * kernel * kernel]
+extern "C" int Unfold(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  if (nparam != 3 || (ndims[0] != 4 && ndims[0] != 3)) return 1;
+  const float *map = static_cast<const float *>(params[0]);
   const int32_t *geometry = static_cast<const int32_t *>(params[1]);
   float *out = static_cast<float *>(params[2]);
-  const int64_t batch = shapes[0][0], channels = shapes[0][1], height = shapes[0][2], width = shapes[0][3];
-  const int64_t patch = geometry[0], grid = geometry[1], padding = geometry[2];
-  if (shapes[2][0] != batch * grid * grid || shapes[2][1] != channels * patch * patch) return 1;
-  ParallelFor(batch * grid, grid * channels * patch * patch, [=](int64_t first, int64_t last) {
-    for (int64_t band = first; band < last; ++band) {  // a row of patches: image b, patch row gy
+  const int64_t kernel = geometry[0], stride = geometry[1], grid = geometry[2], padding = geometry[3];
+  const bool tokens = ndims[0] == 3;
+  const int64_t batch = shapes[0][0], channels = shapes[0][tokens ? 2 : 1];
+  const int64_t height = tokens ? std::llround(std::sqrt(static_cast<double>(shapes[0][1]))) : shapes[0][2];
+  const int64_t width = tokens ? height : shapes[0][3];
+  if (tokens && height * height != shapes[0][1]) return 1;
+  // element (b, c, y, x) of the map lies at b * per_map + c * per_channel + y * per_row + x * per_pixel
+  const int64_t per_pixel = tokens ? channels : 1, per_channel = tokens ? 1 : height * width;
+  const int64_t per_row = width * per_pixel, per_map = channels * height * width;
+  const int64_t window = channels * kernel * kernel;
+  if (ElementCount(ndims[2], shapes[2]) != batch * grid * grid * window) return 1;
+  ParallelFor(batch * grid, grid * window, [=](int64_t first, int64_t last) {
+    for (int64_t band = first; band < last; ++band) {  // a row of windows: map b, window row gy
       const int64_t b = band / grid, gy = band % grid;
-      for (int64_t c = 0; c < channels; ++c) {
-        for (int64_t ky = 0; ky < patch; ++ky) {
-          const int64_t y = gy * patch + ky - padding;
-          const float *line = image + ((b * channels + c) * height + y) * width;
-          for (int64_t gx = 0; gx < grid; ++gx) {
-            float *to = out + (band * grid + gx) * channels * patch * patch + (c * patch + ky) * patch;
-            for (int64_t kx = 0; kx < patch; ++kx) {
-              const int64_t x = gx * patch + kx - padding;
-              to[kx] = (y >= 0 && y < height && x >= 0 && x < width) ? line[x] : 0.0f;
+      for (int64_t gx = 0; gx < grid; ++gx) {
+        float *to = out + (band * grid + gx) * window;
+        for (int64_t c = 0; c < channels; ++c) {
+          const float *plane = map + b * per_map + c * per_channel;
+          for (int64_t ky = 0; ky < kernel; ++ky, to += kernel) {
+            const int64_t y = gy * stride + ky - padding, left = gx * stride - padding;
+            const float *line = plane + y * per_row;
+            if (y < 0 || y >= height) {
+              std::fill(to, to + kernel, 0.0f);
+            } else if (per_pixel == 1 && left >= 0 && left + kernel <= width) {
+              std::memcpy(to, line + left, kernel * sizeof(float));
+            } else {
+              for (int64_t kx = 0, x = left; kx < kernel; ++kx, ++x) {
+                to[kx] = (x >= 0 && x < width) ? line[x * per_pixel] : 0.0f;
+              }
             }
           }
         }

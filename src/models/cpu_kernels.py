@@ -38,11 +38,15 @@ def same_as_first(*args):
     return args[0]
 
 
-def custom_op(function: str, out_shape=same_as_first, bprop=None, outputs: int = 1) -> ops.Custom | None:
+def custom_op(function: str, out_shape=same_as_first, bprop=None, outputs: int = 1,
+              shape_attrs: dict | None = None) -> ops.Custom | None:
     """The AOT op `function` of the library, for the current device; None off CPU or without the library.
 
     `out_shape` maps the input shapes to the output's (default: the first input's), or to a list of `outputs`
-    shapes; every output has the first input's dtype. `bprop` is the op's backward, for ops used in training graphs.
+    shapes; every output has the first input's dtype. `shape_attrs` names the values other than the input shapes
+    that `out_shape` depends on: PyNative mode caches an op's output shape by its name, attributes and input
+    shapes, so two ops of one kernel on inputs of the same shape would otherwise share one. `bprop` is the op's
+    backward, for ops used in training graphs.
     """
     if ms.get_context("device_target") != "CPU":
         return None
@@ -50,4 +54,7 @@ def custom_op(function: str, out_shape=same_as_first, bprop=None, outputs: int =
     if path is None:
         return None
     out_dtype = same_as_first if outputs == 1 else lambda first, *_: [first] * outputs  # a list, as out_shape gives
-    return ops.Custom(f"{path}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+    op = ops.Custom(f"{path}:{function}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+    for name, value in (shape_attrs or {}).items():
+        op.add_prim_attr(name, value)
+    return op

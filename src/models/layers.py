@@ -175,6 +175,30 @@ class HeadPermute(nn.Cell):
         return self.fast_kernel(x)
 
 
+class ScaledSoftmax(nn.Cell):
+    """Attention's logits, raw * scale (+ a logit bias when `biased`), and their softmax over the last axis; fp32 CPU
+    inference computes both in one kernel, row by row (MindSpore's Mul, Add and Softmax are three passes)."""
+
+    def __init__(self, scale: float, biased: bool):
+        super().__init__()
+        self.scale = scale
+        self.scale_tensor = Tensor([scale], ms.float32)
+        self.fast_kernel = cpu_kernels.custom_op("ScaledSoftmax", out_shape=lambda raw, *_: [raw, raw], outputs=2)
+        self.biased = biased
+
+    def construct(self, raw, logit_bias=None):
+        if self.fast_kernel is not None and not self.training and raw.dtype == ms.float32:
+            if not self.biased:
+                return self.fast_kernel(raw, self.scale_tensor)
+            if logit_bias.dtype == ms.float32:
+                return self.fast_kernel(raw, logit_bias, self.scale_tensor)
+        # Logits and softmax stay fp32 under mixed precision: the next stage reuses these logits.
+        logits = raw.astype(ms.float32) * self.scale
+        if self.biased:
+            logits = logits + logit_bias.astype(ms.float32)
+        return logits, ops.softmax(logits, -1)
+
+
 class Attention(nn.Cell):
     """Multi-head self-attention that returns its pre-softmax logits and accepts an additive logit bias.
 
@@ -192,14 +216,17 @@ class Attention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
         self.zero_qkv_bias = None if qkv_bias else Tensor(np.zeros(3 * dim, np.float32))  # the kernel adds a bias
-        head_shape = [int(num_heads), int(num_tokens), self.head_dim]
+        head_shape = [num_heads, num_tokens, self.head_dim]
         self.fast_kernel = cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0] // head_shape[1],
-                                                                                          *head_shape]] * 3, outputs=3)
+                                                                                          *head_shape]] * 3,
+                                                 outputs=3, shape_attrs={"head_shape": head_shape})
         self.attn_drop = Dropout(attn_drop)
         self.merge_heads = HeadPermute((0, 2, 1, 3))  # (B, H, N, hd) -> (B, N, H, hd)
         self.proj = dense(dim, dim)
         self.proj_drop = Dropout(proj_drop)
         self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+        self.softmax = ScaledSoftmax(self.scale, biased=False)
+        self.biased_softmax = ScaledSoftmax(self.scale, biased=True)
         self.av_matmul = ops.BatchMatMul()
         self.q_index, self.k_index, self.v_index = (Tensor(index, ms.int32) for index in range(3))  # along qkv's axis 0
 
@@ -216,11 +243,9 @@ class Attention(nn.Cell):
 
     def construct(self, x, logit_bias=None):
         q, k, v = self.split_heads(x)
-        # Logits and softmax stay fp32 under mixed precision: the next stage reuses these logits.
-        logits = self.qk_matmul(q, k).astype(ms.float32) * self.scale
-        if logit_bias is not None:
-            logits = logits + logit_bias.astype(ms.float32)
-        attn = self.attn_drop(ops.softmax(logits, -1).astype(v.dtype))
+        raw = self.qk_matmul(q, k)
+        logits, attn = self.softmax(raw) if logit_bias is None else self.biased_softmax(raw, logit_bias)
+        attn = self.attn_drop(attn.astype(v.dtype))
         out = self.merge_heads(self.av_matmul(attn, v)).reshape(-1, self.num_tokens, self.dim)
         return self.proj_drop(self.proj(out)), logits
 

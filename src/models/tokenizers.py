@@ -126,20 +126,34 @@ def soft_split_indices(side: int, kernel: int, stride: int, padding: int) -> np.
     return np.where(inside, rows * side + cols, side * side).reshape(-1).astype(np.int32)
 
 
+def unfold_geometry(kernel: int, stride: int, grid: int, padding: int) -> Tensor:
+    """The geometry operand of the Unfold kernel (src/models/cpu_kernels.cc)."""
+    return Tensor(np.array([kernel, stride, grid, padding], np.int32))
+
+
 class SoftSplit(nn.Cell):
     """torch's `nn.Unfold` of a (B, C, side, side) map, then (B, L, C*k*k): `ops.unfold`, or with `portable`
-    one gather."""
+    one gather; fp32 CPU inference runs the Unfold kernel. `from_tokens`: the map comes as T2T's tokens
+    (B, side*side, C), which the kernel reads where they lie (MindSpore's ops re-fold them with a transpose)."""
 
-    def __init__(self, channels: int, side: int, kernel: int, stride: int, padding: int):
+    def __init__(self, channels: int, side: int, kernel: int, stride: int, padding: int, from_tokens: bool = False):
         super().__init__()
         self.channels, self.side = channels, side
         self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.from_tokens = from_tokens
         self.patch = channels * kernel * kernel
         self.tokens = conv_out(side, kernel, stride, padding) ** 2
         self.indices = Tensor(soft_split_indices(side, kernel, stride, padding))
+        self.geometry = unfold_geometry(kernel, stride, conv_out(side, kernel, stride, padding), padding)
+        self.fast_kernel = cpu_kernels.custom_op("Unfold", out_shape=lambda x, _: [x[0], self.tokens, self.patch],
+                                                 shape_attrs={"geometry": self.geometry.asnumpy().tolist()})
         self.portable = False
 
     def construct(self, x):
+        if self.fast_kernel is not None and not self.training and x.dtype == ms.float32:
+            return self.fast_kernel(x, self.geometry)  # MindSpore's Im2Col and the transposes around it took longer
+        if self.from_tokens:
+            x = x.transpose(0, 2, 1).reshape(-1, self.channels, self.side, self.side)
         if not self.portable:
             return ops.unfold(x, self.kernel, 1, self.padding, self.stride).transpose(0, 2, 1)
         flat = x.reshape(-1, self.channels, self.side * self.side)
@@ -153,7 +167,6 @@ class T2TTokenizer(nn.Cell):
 
     def __init__(self, spec: DVTSpec, tok: Tokenizer):
         super().__init__()
-        self.token_dim = spec.token_dim
         self.side1 = conv_out(spec.img_size, tok.kernel, tok.stride, tok.padding)
         self.side2 = conv_out(self.side1, 3, 2, 1)
         dim1 = spec.in_chans * tok.kernel ** 2
@@ -166,17 +179,13 @@ class T2TTokenizer(nn.Cell):
             self.attention2 = TokenTransformer(dim2, spec.token_dim, spec.norm_eps)
         self.project = dense(dim2, spec.embed_dim)
         self.split1 = SoftSplit(spec.in_chans, spec.img_size, tok.kernel, tok.stride, tok.padding)
-        self.split2 = SoftSplit(spec.token_dim, self.side1, 3, 2, 1)
-        self.split3 = SoftSplit(spec.token_dim, self.side2, 3, 2, 1)
-
-    def refold(self, tokens, side: int):
-        """(B, side*side, C) tokens back to a (B, C, side, side) map, row-major."""
-        return tokens.transpose(0, 2, 1).reshape(-1, self.token_dim, side, side)
+        self.split2 = SoftSplit(spec.token_dim, self.side1, 3, 2, 1, from_tokens=True)
+        self.split3 = SoftSplit(spec.token_dim, self.side2, 3, 2, 1, from_tokens=True)
 
     def construct(self, image):
         x = self.attention1(self.split1(image))
-        x = self.attention2(self.split2(self.refold(x, self.side1)))
-        return self.project(self.split3(self.refold(x, self.side2)))
+        x = self.attention2(self.split2(x))
+        return self.project(self.split3(x))
 
 
 def concat_pad(x, padding: int):
@@ -217,9 +226,10 @@ class PatchEmbed(nn.Cell):
         self.crop = self.span < spec.img_size + 2 * tok.padding
         self.matmul_bt = ops.MatMul(transpose_b=True)
         self.portable = False
-        self.geometry = Tensor(np.array([self.patch, self.grid, self.padding], np.int32))
+        self.geometry = unfold_geometry(self.patch, self.patch, self.grid, self.padding)
         self.fast_kernel = None if not self.as_matmul else cpu_kernels.custom_op(
-            "CutPatches", out_shape=lambda image, _: [image[0] * self.num_patches, image[1] * self.patch ** 2])
+            "Unfold", out_shape=lambda image, _: [image[0] * self.num_patches, image[1] * self.patch ** 2],
+            shape_attrs={"geometry": self.geometry.asnumpy().tolist()})
 
     def cut_patches(self, image):
         """(B * g * g, C * k * k): the patches of the (padded) image, row-major, each as (channel, y, x)."""
