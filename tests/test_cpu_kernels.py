@@ -208,14 +208,16 @@ def test_soft_split_kernel_is_numpy_unfold_from_a_map_or_tokens(from_tokens, cha
 
 
 def test_performer_kernels_equal_the_float64_formula():
-    """phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(m) and y / (normaliser + 1e-8), fused in kernels, against NumPy."""
+    """The kqv bias and split, phi(x) = exp(x w^T - |x|^2 / 2) / sqrt(m) and y / (normaliser + 1e-8), fused in
+    kernels, against NumPy."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2, 30, 12)).astype(np.float32)  # tokens of width 12
     z = rng.normal(size=(2, 30, 8)).astype(np.float32)  # keys / queries of width 8
-    fast, stock = eval_cell(TokenPerformer(12, 8, 1e-5)), eval_cell(TokenPerformer(12, 8, 1e-5))
-    assert fast.fast_kernel is not None and fast.divide_rows is not None
-    use_stock_ops(stock)
-    ms.load_param_into_net(stock, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in fast.get_parameters()})
+    fast, stock = twin_cells(lambda: TokenPerformer(12, 8, 1e-5))  # random weights: the kqv bias is not zero
+    assert fast.divide_rows is not None and fast.split_kqv_kernel is not None
+    kqv = dense64(x.astype(np.float64), fast.kqv)
+    for got, want in zip(fast.split_kqv(ms.Tensor(x)), np.split(kqv, 3, axis=-1), strict=True):
+        np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-5)
     k, w = z.astype(np.float64), fast.w.asnumpy().astype(np.float64)
 
     def phi(z):

@@ -226,7 +226,7 @@ extern "C" int LayerNormLastAxis(int nparam, void **params, int *ndims, int64_t 
 // Attention's head permutations (fp32 inference), copies of head_dim-float rows without the per-element
 // offset table that MindSpore's CPU Transpose builds and keeps for a constant perm (8 bytes per element).
 // SplitQkv also adds the qkv layer's bias and writes q, k and v apart, in place of a BiasAdd, a transpose and
-// three gathers.
+// three gathers; with one head and one token per row, [B * N, 1, 1, hd], it splits the T2T performer's k, q, v.
 // params: qkv [B * N, 3 * H * hd] (a Dense layer's output before its bias), bias [3 * H * hd], q, k, v [B, H, N, hd]
 extern "C" int SplitQkv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                         void *stream, void *extra) {

@@ -18,7 +18,7 @@ from mindspore.common.initializer import Orthogonal, initializer
 
 from . import cpu_kernels
 from .dropout import Dropout
-from .layers import Mlp, dense, gelu, layer_norm, torch_default_uniform
+from .layers import Mlp, dense, gelu, layer_norm, matmul_rows, torch_default_uniform
 from .spec import T2T, DVTSpec, Tokenizer, conv_out
 
 PERFORMER_DROPOUT = 0.1  # hard-coded in the reference T2T performer, independent of drop_rate
@@ -48,9 +48,12 @@ class TokenPerformer(nn.Cell):
         self.matmul_at = ops.BatchMatMul(transpose_a=True)
         # fp32 CPU inference: the per-token scalars (|x|^2 / 2, the normaliser) in kernels rather than broadcast
         # over (B, T, 1), whose CPU index tables held about 58 MB of T2T-ViT-12's peak (README, "Speed").
-        # `fast_kernel` switches both kernels.
+        # The kqv bias and the k / q / v split are one kernel too (slicing kqv took 30 ms per T2T-ViT-12 batch of 16).
+        # `fast_kernel` switches all three kernels.
         self.fast_kernel = cpu_kernels.custom_op("PerformerFeatures")
         self.divide_rows = cpu_kernels.custom_op("DivideRows")
+        self.split_kqv_kernel = cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0], 1, 1, emb]] * 3,
+                                                      outputs=3, shape_attrs={"head_shape": [1, 1, emb]})
         self.scale_tensor = Tensor([self.feature_scale], ms.float32)
         self.epsilon_tensor = Tensor([1e-8], ms.float32)
 
@@ -65,9 +68,19 @@ class TokenPerformer(nn.Cell):
         half_sq_norm = (x * x).sum(-1, keepdims=True) / 2
         return ops.exp(ops.matmul(x, self.w.T) - half_sq_norm) * self.feature_scale
 
+    def split_kqv(self, x):
+        """k, q and v, each (B, T, emb), of the normed tokens x (B, T, dim)."""
+        if self.uses_kernels(x):
+            rows = matmul_rows(self.kqv, x)
+            if rows.dtype == ms.float32:  # as in Attention.split_heads: amp's "auto" runs MatMul in fp16
+                shape = x.shape[:-1] + (self.emb,)
+                k, q, v = self.split_kqv_kernel(rows, self.kqv.bias)
+                return k.reshape(shape), q.reshape(shape), v.reshape(shape)
+        kqv = self.kqv(x)
+        return kqv[:, :, :self.emb], kqv[:, :, self.emb:2 * self.emb], kqv[:, :, 2 * self.emb:]
+
     def construct(self, x):
-        kqv = self.kqv(self.norm1(x))
-        k, q, v = kqv[:, :, :self.emb], kqv[:, :, self.emb:2 * self.emb], kqv[:, :, 2 * self.emb:]
+        k, q, v = self.split_kqv(self.norm1(x))
         kp, qp = self.random_features(k), self.random_features(q)
         normaliser = ops.matmul(qp, kp.sum(1).expand_dims(-1))  # (B, T, 1)
         kptv = self.matmul_at(v.astype(kp.dtype), kp)  # (B, emb, m)
