@@ -1,7 +1,8 @@
-"""CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; attention's head
-permutations, the reuse paths' sparse resampling and the performer's per-token scalars, where MindSpore's CPU ops
-keep per-element index tables or do dense work; a Dense layer's bias added inside the GELU or the q/k/v split
-that follows it, and DeiT's patch cut, each in place of passes of MindSpore's own; reproducible dropout masks.
+"""CPU kernels: LayerNorm and erf GELU, the two ops MindSpore 2.10 runs slowest on CPU; attention's q/k/v split,
+scaled softmax and head merge, the unfold of T2T's soft split and DeiT's patch cut, the reuse paths' sparse
+resampling and the performer's per-token scalars, where MindSpore's CPU ops take several passes, keep per-element
+index tables or do dense work; a Dense layer's bias added inside the GELU or the q/k/v split that follows it;
+reproducible dropout masks.
 
 MindSpore's CPU LayerNorm and erf GELU take about 22x and 23-45x torch's time (measured beside torch 2.13 on
 the same machine); they are about 10% and 20% of a DVT forward here. `cpu_kernels.cc` implements both as AOT

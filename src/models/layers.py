@@ -199,6 +199,13 @@ class ScaledSoftmax(nn.Cell):
         return logits, ops.softmax(logits, -1)
 
 
+def split_qkv_kernel(head_shape: list[int]) -> ops.Custom | None:
+    """The SplitQkv kernel's op (src/models/cpu_kernels.cc): a Dense layer's rows (B * N, 3 * H * hd) and its bias
+    to q, k and v, each (B, H, N, hd) for `head_shape` [H, N, hd]; None where the kernels are off."""
+    return cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0] // head_shape[1], *head_shape]] * 3,
+                                 outputs=3, shape_attrs={"head_shape": head_shape})
+
+
 class Attention(nn.Cell):
     """Multi-head self-attention that returns its pre-softmax logits and accepts an additive logit bias.
 
@@ -216,10 +223,7 @@ class Attention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, 3 * dim, has_bias=qkv_bias)
         self.zero_qkv_bias = None if qkv_bias else Tensor(np.zeros(3 * dim, np.float32))  # the kernel adds a bias
-        head_shape = [num_heads, num_tokens, self.head_dim]
-        self.fast_kernel = cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0] // head_shape[1],
-                                                                                          *head_shape]] * 3,
-                                                 outputs=3, shape_attrs={"head_shape": head_shape})
+        self.fast_kernel = split_qkv_kernel([num_heads, num_tokens, self.head_dim])
         self.attn_drop = Dropout(attn_drop)
         self.merge_heads = HeadPermute((0, 2, 1, 3))  # (B, H, N, hd) -> (B, N, H, hd)
         self.proj = dense(dim, dim)

@@ -18,7 +18,7 @@ from mindspore.common.initializer import Orthogonal, initializer
 
 from . import cpu_kernels
 from .dropout import Dropout
-from .layers import Mlp, dense, gelu, layer_norm, matmul_rows, torch_default_uniform
+from .layers import Mlp, dense, gelu, layer_norm, matmul_rows, split_qkv_kernel, torch_default_uniform
 from .spec import T2T, DVTSpec, Tokenizer, conv_out
 
 PERFORMER_DROPOUT = 0.1  # hard-coded in the reference T2T performer, independent of drop_rate
@@ -52,8 +52,7 @@ class TokenPerformer(nn.Cell):
         # `fast_kernel` switches all three kernels.
         self.fast_kernel = cpu_kernels.custom_op("PerformerFeatures")
         self.divide_rows = cpu_kernels.custom_op("DivideRows")
-        self.split_kqv_kernel = cpu_kernels.custom_op("SplitQkv", out_shape=lambda rows, _: [[rows[0], 1, 1, emb]] * 3,
-                                                      outputs=3, shape_attrs={"head_shape": [1, 1, emb]})
+        self.split_kqv_kernel = split_qkv_kernel([1, 1, emb])  # one head, one token per row
         self.scale_tensor = Tensor([self.feature_scale], ms.float32)
         self.epsilon_tensor = Tensor([1e-8], ms.float32)
 
@@ -139,9 +138,12 @@ def soft_split_indices(side: int, kernel: int, stride: int, padding: int) -> np.
     return np.where(inside, rows * side + cols, side * side).reshape(-1).astype(np.int32)
 
 
-def unfold_geometry(kernel: int, stride: int, grid: int, padding: int) -> Tensor:
-    """The geometry operand of the Unfold kernel (src/models/cpu_kernels.cc)."""
-    return Tensor(np.array([kernel, stride, grid, padding], np.int32))
+def unfold_kernel(kernel: int, stride: int, grid: int, padding: int, out_shape) -> tuple[Tensor, ops.Custom | None]:
+    """The Unfold kernel's geometry operand and op (src/models/cpu_kernels.cc); the op is None where the kernels
+    are off. `out_shape` maps the input's shape to the output's."""
+    geometry = [kernel, stride, grid, padding]
+    op = cpu_kernels.custom_op("Unfold", out_shape=lambda x, _: out_shape(x), shape_attrs={"geometry": geometry})
+    return Tensor(np.array(geometry, np.int32)), op
 
 
 class SoftSplit(nn.Cell):
@@ -155,11 +157,11 @@ class SoftSplit(nn.Cell):
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.from_tokens = from_tokens
         self.patch = channels * kernel * kernel
-        self.tokens = conv_out(side, kernel, stride, padding) ** 2
+        grid = conv_out(side, kernel, stride, padding)
+        self.tokens = grid ** 2
         self.indices = Tensor(soft_split_indices(side, kernel, stride, padding))
-        self.geometry = unfold_geometry(kernel, stride, conv_out(side, kernel, stride, padding), padding)
-        self.fast_kernel = cpu_kernels.custom_op("Unfold", out_shape=lambda x, _: [x[0], self.tokens, self.patch],
-                                                 shape_attrs={"geometry": self.geometry.asnumpy().tolist()})
+        self.geometry, self.fast_kernel = unfold_kernel(kernel, stride, grid, padding,
+                                                        lambda x: [x[0], self.tokens, self.patch])
         self.portable = False
 
     def construct(self, x):
@@ -239,10 +241,11 @@ class PatchEmbed(nn.Cell):
         self.crop = self.span < spec.img_size + 2 * tok.padding
         self.matmul_bt = ops.MatMul(transpose_b=True)
         self.portable = False
-        self.geometry = unfold_geometry(self.patch, self.patch, self.grid, self.padding)
-        self.fast_kernel = None if not self.as_matmul else cpu_kernels.custom_op(
-            "Unfold", out_shape=lambda image, _: [image[0] * self.num_patches, image[1] * self.patch ** 2],
-            shape_attrs={"geometry": self.geometry.asnumpy().tolist()})
+        self.geometry, self.fast_kernel = unfold_kernel(
+            self.patch, self.patch, self.grid, self.padding,
+            lambda image: [image[0] * self.num_patches, image[1] * self.patch ** 2])
+        if not self.as_matmul:
+            self.fast_kernel = None  # overlapping patches keep the conv
 
     def cut_patches(self, image):
         """(B * g * g, C * k * k): the patches of the (padded) image, row-major, each as (channel, y, x)."""
