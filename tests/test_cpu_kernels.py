@@ -1,5 +1,5 @@
-"""The AOT CPU kernels (LayerNorm, erf GELU with and without a bias, the q/k/v split, softmax and head merge, unfold,
-token resampling): NumPy's numbers, used only where they may be, a safe fallback."""
+"""The AOT CPU kernels (LayerNorm, erf GELU with and without a bias, the residual add, the q/k/v split, softmax and
+head merge, unfold, token resampling): NumPy's numbers, used only where they may be, a safe fallback."""
 
 import concurrent.futures
 import ctypes
@@ -15,8 +15,8 @@ from scipy.special import erf
 
 from src import native
 from src.models import cpu_kernels
-from src.models.layers import GELU, Attention, HeadPermute, LayerNorm, Mlp, ScaledSoftmax, use_stock_ops
-from src.models.reuse import TokenResample, sparse_rows, token_resample_matrix
+from src.models.layers import GELU, Attention, Block, HeadPermute, LayerNorm, Mlp, ScaledSoftmax, use_stock_ops
+from src.models.reuse import RelationReuse, TokenResample, sparse_rows, token_resample_matrix
 from src.models.spec import DEIT, DVTSpec
 from src.models.tokenizers import PatchEmbed, SoftSplit, TokenPerformer
 
@@ -119,6 +119,32 @@ def test_attention_kernel_splits_qkv_with_its_bias_as_numpy_does(qkv_bias):
         np.testing.assert_allclose(out.asnumpy(), dense64(merged, fast.proj), rtol=1e-5, atol=1e-5)
 
 
+def layer_norm64(x, norm):
+    centred = x - x.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + norm.epsilon) * norm.gamma.asnumpy() \
+        + norm.beta.asnumpy()
+
+
+@pytest.mark.parametrize("batch", [2, 40])  # 40 x 5 rows of 8 split over threads
+def test_block_adds_each_layer_bias_and_residual_as_numpy_does(batch):
+    tokens, heads, dim = 5, 2, 8
+    fast, stock = twin_cells(lambda: Block(dim, heads, tokens, 24, 1e-5, qkv_bias=True))
+    x = np.random.default_rng(9).normal(size=(batch, tokens, dim)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    qkv = dense64(layer_norm64(x64, fast.norm1), fast.attn.qkv).reshape(batch, tokens, 3, heads, dim // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dim // heads)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    x64 = x64 + dense64((attn @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, dim), fast.attn.proj)
+    hidden = dense64(layer_norm64(x64, fast.norm2), fast.mlp.fc1)
+    want = x64 + dense64(0.5 * hidden * (1 + erf(hidden / np.sqrt(2))), fast.mlp.fc2)
+    for cell in (fast, stock):
+        out, got_logits = cell(ms.Tensor(x))
+        np.testing.assert_allclose(out.asnumpy(), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_logits.asnumpy(), logits, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_rows_hold_every_non_zero_of_the_resample_matrix():
     matrix = token_resample_matrix(10, 14, keep_cls=True)
     index, weight = sparse_rows(matrix)
@@ -143,6 +169,22 @@ def test_token_resample_kernel_equals_the_dense_matrix_in_float64(src, dst, keep
     use_stock_ops(stock)
     np.testing.assert_allclose(fast(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(stock(ms.Tensor(x)).asnumpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [2, 16])  # 16 x 6 maps of 10 x 10 split over threads
+def test_relation_reuse_kernels_add_both_biases_as_numpy_does(batch):
+    channels, src, dst = 6, 2, 3
+    fast, stock = twin_cells(lambda: RelationReuse(channels, src, dst))
+    tokens = src * src + 1
+    x = np.random.default_rng(10).normal(size=(batch, channels, tokens, tokens)).astype(np.float32)
+    flat = x.astype(np.float64).reshape(batch, channels, -1)
+    hidden = fast.fc1.weight.asnumpy().astype(np.float64) @ flat + fast.fc1.bias.asnumpy()
+    hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
+    maps = (fast.fc2.weight.asnumpy() @ hidden + fast.fc2.bias.asnumpy()).reshape(x.shape)
+    m = token_resample_matrix(src, dst, keep_cls=True).astype(np.float64)
+    want = m @ maps @ m.T  # the reference order: both biases before the resample
+    for cell in (fast, stock):
+        np.testing.assert_allclose(cell(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def patch_embed_of_grid(grid: int) -> tuple[PatchEmbed, PatchEmbed]:

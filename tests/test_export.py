@@ -266,14 +266,14 @@ def test_mindir_files_do_not_need_the_cpu_kernel_library(exported):
 def test_export_leaves_the_network_as_it_was(exported):
     """export_cascade writes stock-op graphs but hands the network back with its fast kernels."""
     from src.models import cpu_kernels
-    from src.models.layers import GELU, Attention, HeadPermute, LayerNorm, Mlp, ScaledSoftmax
-    from src.models.reuse import TokenResample
+    from src.models.layers import GELU, Attention, Block, HeadPermute, LayerNorm, Mlp, ScaledSoftmax
+    from src.models.reuse import RelationReuse, TokenResample
     from src.models.tokenizers import SoftSplit, TokenPerformer
 
     assert cpu_kernels.library_path() is not None
     kernels = {type(cell) for _, cell in exported[0].cells_and_names() if getattr(cell, "fast_kernel", None)}
-    assert kernels == {LayerNorm, GELU, Mlp, Attention, ScaledSoftmax, HeadPermute, SoftSplit, TokenResample,
-                       TokenPerformer}
+    assert kernels == {LayerNorm, GELU, Mlp, Attention, Block, ScaledSoftmax, HeadPermute, SoftSplit, TokenResample,
+                       RelationReuse, TokenPerformer}
 
 
 def listing(folder) -> dict:

@@ -1,8 +1,8 @@
-// LayerNorm over the last axis, erf GELU (alone or after a bias), attention's q/k/v split (with its bias), softmax
-// and head merge, unfold (T2T's soft split, DeiT's patch cut), the T2T performer's per-token scalars and the reuse
-// paths' token resampling (fp32 inference), and the keyed dropout masks (training), for
-// MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params, ndims, shapes, dtypes,
-// stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
+// LayerNorm over the last axis, erf GELU (alone or after a bias), a residual add with a Dense layer's bias,
+// attention's q/k/v split (with its bias), softmax and head merge, unfold (T2T's soft split, DeiT's patch cut),
+// the T2T performer's per-token scalars and the reuse paths' token resampling (fp32 inference), and the keyed
+// dropout masks (training), for MindSpore's CPU backend as AOT custom ops (the `extern "C" int Func(nparam, params,
+// ndims, shapes, dtypes, stream, extra)` interface). float32 only; the Python side uses MindSpore's own ops otherwise.
 // Built by cpu_kernels.py with -O3 -march=native -ffast-math -fopenmp-simd: -ffast-math lets GCC call glibc's
 // vectorised erff (libmvec), which is most of the gain for GELU.
 // Work is split over helper threads of our own (HelperPool) rather than OpenMP: libgomp's threads spin after each
@@ -175,8 +175,9 @@ extern "C" int ErfGelu(int nparam, void **params, int *ndims, int64_t **shapes, 
   return 0;
 }
 
-// GELU of x + bias: a Dense layer's bias added on the way into GELU instead of in a pass of its own.
-// params: x [rows, width], bias [width], y [rows, width]
+// GELU of x + bias: a Dense layer's bias added on the way into GELU instead of in a pass of its own; or, given as
+// [channels, 1], a 1x1 conv's bias per channel of x [B, channels, width] (the relation reuse MLP).
+// params: x [..., width], bias [width] or [channels, 1], y like x
 extern "C" int BiasErfGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
   if (nparam != 3) return 1;
@@ -184,12 +185,44 @@ extern "C" int BiasErfGelu(int nparam, void **params, int *ndims, int64_t **shap
   const float *bias = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
+  const bool per_channel = ndims[1] == 2 && shapes[1][1] == 1;
+  const int64_t channels = shapes[1][0];
+  if (per_channel ? ndims[0] < 2 || shapes[0][ndims[0] - 2] != channels : channels != width) return 1;
   ParallelFor(rows, width, [=](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const float *in = x + r * width;
       float *out = y + r * width;
+      if (per_channel) {
+        const float add = bias[r % channels];
 #pragma omp simd
-      for (int64_t i = 0; i < width; ++i) out[i] = Gelu(in[i] + bias[i]);
+        for (int64_t i = 0; i < width; ++i) out[i] = Gelu(in[i] + add);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) out[i] = Gelu(in[i] + bias[i]);
+      }
+    }
+  });
+  return 0;
+}
+
+// A transformer block's residual add after a Dense layer (fp32 inference): x + rows + bias, the layer's bias added
+// on the way instead of in a BiasAdd pass of its own before the Add.
+// params: x [..., width], rows [M, width] (the layer's MatMul, as many elements as x), bias [width], y like x
+extern "C" int ResidualBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *layer_rows = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t width = shapes[0][ndims[0] - 1], rows = ElementCount(ndims[0] - 1, shapes[0]);
+  if (ElementCount(ndims[1], shapes[1]) != rows * width || shapes[2][0] != width) return 1;
+  ParallelFor(rows, width, [=](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float *residual = x + r * width, *added = layer_rows + r * width;
+      float *out = y + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[i] = residual[i] + (added[i] + bias[i]);
     }
   });
   return 0;
@@ -428,11 +461,11 @@ SparseRows ReadSparseRows(void **params, int64_t **shapes) {
           shapes[1][1]};
 }
 
-// out[i, :] = sum_k weight[i, k] * x[index[i, k], :] for rows of `width` floats.
-void ResampleRowsOf(const SparseRows &m, const float *x, int64_t width, float *out) {
+// out[i, :] = start + sum_k weight[i, k] * x[index[i, k], :] for rows of `width` floats.
+void ResampleRowsOf(const SparseRows &m, const float *x, int64_t width, float *out, float start = 0.0f) {
   for (int64_t i = 0; i < m.rows; ++i) {
     float *row = out + i * width;
-    std::fill(row, row + width, 0.0f);
+    std::fill(row, row + width, start);
     for (int64_t k = 0; k < m.per_row; ++k) {
       const float w = m.weight[i * m.per_row + k];
       const float *from = x + static_cast<int64_t>(m.index[i * m.per_row + k]) * width;
@@ -468,16 +501,21 @@ extern "C" int ResampleTokens(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
-// Both token axes of [..., Ns, Ns] maps: out = R x R^T, R the sparse [Nd, Ns].
-// params: x [..., Ns, Ns], index [Nd, K] int32, weight [Nd, K], out [..., Nd, Nd]
+// Both token axes of [..., Ns, Ns] maps: out = R x R^T, R the sparse [Nd, Ns]; with a bias [C, 1], the maps of
+// x [B, C, Ns, Ns] are those of a 1x1 conv without its bias, added here: R (x + b) R^T = R x R^T + b, as every
+// row of R sums to one (the relation reuse MLP's fc2).
+// params: x [..., Ns, Ns], index [Nd, K] int32, weight [Nd, K], [bias [C, 1],] out [..., Nd, Nd]
 extern "C" int ResampleTokenPairs(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] < 2) return 1;
+  if ((nparam != 4 && nparam != 5) || ndims[0] < 2) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  float *out = static_cast<float *>(params[3]);
+  const float *bias = nparam == 5 ? static_cast<const float *>(params[3]) : nullptr;
+  float *out = static_cast<float *>(params[nparam - 1]);
   const SparseRows m = ReadSparseRows(params, shapes);
   const int64_t src = shapes[0][ndims[0] - 1], dst = m.rows;
   const int64_t maps = ElementCount(ndims[0], shapes[0]) / (src * src);
+  const int64_t channels = bias ? shapes[3][0] : 1;
+  if (bias && (ndims[0] < 3 || shapes[0][ndims[0] - 3] != channels)) return 1;
   ParallelFor(maps, 2 * dst * dst * m.per_row, [=](int64_t first, int64_t last) {
     // Two passes of contiguous row sums, R x^T then R (R x^T)^T = R x R^T; the transposes between them are of
     // maps small enough for the cache, and cheaper than gathering R^T's columns element by element.
@@ -486,7 +524,7 @@ extern "C" int ResampleTokenPairs(int nparam, void **params, int *ndims, int64_t
       Transpose(x + map * src * src, src, src, transposed_x.data());
       ResampleRowsOf(m, transposed_x.data(), src, rows.data());
       Transpose(rows.data(), dst, src, transposed_rows.data());
-      ResampleRowsOf(m, transposed_rows.data(), dst, out + map * dst * dst);
+      ResampleRowsOf(m, transposed_rows.data(), dst, out + map * dst * dst, bias ? bias[map % channels] : 0.0f);
     }
   });
   return 0;
