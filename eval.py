@@ -54,7 +54,7 @@ def eval_flags() -> argparse.ArgumentParser:
                        help="real early-exit inference on the validation set at --budget, thresholds from "
                             "--thresholds_file")
     flags.add_argument("--budget", help="GFLOPs per image for --adaptive")
-    flags.add_argument("--eval_micro_batch", type=int, default=4,
+    flags.add_argument("--eval_micro_batch", type=int, default=8,
                        help="every exit's probabilities: each image runs the stages one after another in static "
                             "graphs of this many samples, so memory does not grow with the eval batch; 0 = the "
                             "whole cascade as one graph of the eval batch (fastest to compile, most memory)")

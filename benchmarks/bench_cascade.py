@@ -1,6 +1,6 @@
 """Throughput of the DVT cascade (every exit), ours against the official PyTorch DVT, side by side.
 
-usage: python benchmarks/bench_cascade.py [--model dvt_t2t_vit_12] [--batch 16 32] [--micro_batch 4]
+usage: python benchmarks/bench_cascade.py [--model dvt_t2t_vit_12] [--batch 16 32] [--micro_batch 8]
                                           [--rounds 5] [--official PATH_TO_OFFICIAL_CHECKOUT] [--no_memory]
 
 Rounds alternate between the two implementations in one process, so machine noise hits both; the
@@ -155,9 +155,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dvt_t2t_vit_12", choices=sorted(OFFICIAL_NAMES))
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 32], help="batch sizes, each measured in turn")
-    parser.add_argument("--micro_batch", type=int, default=4,
+    parser.add_argument("--micro_batch", type=int, default=8,
                         help="ours runs stage by stage in micro-batches of this many samples, as eval.py "
-                             "(--eval_micro_batch, default 4); 0: the whole cascade as one graph")
+                             "(--eval_micro_batch, default 8); 0: the whole cascade as one graph")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=3, help="batches timed per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
