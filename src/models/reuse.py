@@ -160,12 +160,13 @@ class RelationReuse(nn.Cell):
         self.fc2 = PointwiseMlp(3 * channels, channels)
         self.resample = TokenResample(token_resample_matrix(src_grid, dst_grid, keep_cls=True), pairs=True)
         # fp32 CPU inference adds fc1's bias inside the GELU kernel and fc2's in the resample kernel (two BiasAdds,
-        # about 1% of T2T-ViT-12's cascade)
+        # about 1% of T2T-ViT-12's cascade): the fast path needs both kernels
         self.fast_kernel = cpu_kernels.custom_op("BiasErfGelu")
 
     def construct(self, relations):
         x = relations.reshape(-1, self.channels, self.src_tokens * self.src_tokens)
-        if self.fast_kernel is not None and not self.training and x.dtype == ms.float32:
+        if (self.fast_kernel is not None and self.resample.fast_kernel is not None and not self.training
+                and x.dtype == ms.float32):
             hidden = self.fc1.matmul(x)
             if hidden.dtype == ms.float32:
                 maps = self.fc2.matmul(self.fast_kernel(hidden, self.fc1.bias))
