@@ -108,21 +108,57 @@ def test_training_mode_runs_with_stochastic_depth():
     assert all(np.isfinite(o.asnumpy()).all() for o in outputs)
 
 
-def test_stage_compiles_once_for_a_dynamic_batch():
+@pytest.mark.parametrize("index", [1, 2])  # 2: the last stage, whose last block computes the cls token alone
+def test_stage_compiles_once_for_a_dynamic_batch(index):
     net = create_model("dvt_tiny_deit")
     net.set_train(False)
     use_stock_ops(net)  # the AOT CPU kernels take static shapes only
-    stage = net.stages[1]
     spec = net.spec
-    upstream = net.stages[0](ms.Tensor(images(spec, batch=3)))[1:]
-    stage.set_inputs(ms.Tensor(shape=[None, 3, spec.img_size, spec.img_size], dtype=ms.float32),
-                     ms.Tensor(shape=[None, spec.num_tokens(0), spec.embed_dim], dtype=ms.float32),
-                     ms.Tensor(shape=[None, spec.depth * spec.num_heads, spec.num_tokens(0), spec.num_tokens(0)],
-                               dtype=ms.float32))
     x = ms.Tensor(images(spec, batch=3))
+    upstream = ()
+    for stage in net.stages[:index]:
+        upstream = stage(x, *upstream)[1:]
+    stage = net.stages[index]
+    stage.set_inputs(ms.Tensor(shape=[None, 3, spec.img_size, spec.img_size], dtype=ms.float32),
+                     *(ms.Tensor(shape=[None, *u.shape[1:]], dtype=ms.float32) for u in upstream))
     full = stage(x, *upstream)[0].asnumpy()
     part = stage(x[:2], *(u[:2] for u in upstream))[0].asnumpy()
     np.testing.assert_allclose(part, full[:2], atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_last_block_feeding_only_the_head_computes_the_full_blocks_cls_token(kernels):
+    """Inference runs the cls token's query, projection and MLP alone in the last stage's last block, with feature
+    reuse and a relation bias: the full block's cls row and logits row. Training computes every token."""
+    cls_net, full_net = (create_model("dvt_tiny_deit", drop_path_rate=0.0) for _ in range(2))  # training as inference
+    depth = cls_net.spec.depth
+    assert [[block.cls_only for block in stage.blocks] for stage in cls_net.stages] == \
+           [[False] * depth, [False] * depth, [False] * (depth - 1) + [True]]
+    rng = np.random.default_rng(4)
+    for p in cls_net.get_parameters():  # weights far from the init, so that the block is far from the identity
+        p.set_data(ms.Tensor(rng.normal(scale=0.5, size=p.shape).astype(np.float32)))
+    ms.load_param_into_net(full_net, {p.name: ms.Parameter(p.data.copy(), name=p.name)
+                                      for p in cls_net.get_parameters()})
+    cls_block, full_block = cls_net.stages[-1].blocks[-1], full_net.stages[-1].blocks[-1]
+    full_block.cls_only = False
+    for block in (cls_block, full_block):
+        block.set_train(False)
+        if not kernels:
+            use_stock_ops(block)
+    spec = cls_net.spec
+    tokens, upstream_tokens = spec.num_tokens(2), spec.num_tokens(1)
+    x, upstream, bias = (ms.Tensor(rng.normal(size=shape).astype(np.float32)) for shape in
+                         [(2, tokens, spec.embed_dim), (2, upstream_tokens, spec.embed_dim),
+                          (2, spec.num_heads, tokens, tokens)])
+    out, logits = cls_block(x, upstream, bias)
+    want, want_logits = (t.asnumpy() for t in full_block(x, upstream, bias))
+    assert out.shape == (2, 1, spec.embed_dim) and logits.shape == (2, spec.num_heads, 1, tokens)
+    np.testing.assert_allclose(out.asnumpy(), want[:, :1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits.asnumpy(), want_logits[:, :, :1], rtol=1e-5, atol=1e-5)
+    cls_block.set_train(True)
+    out, _ = cls_block(x, upstream, bias)
+    assert out.shape == (2, tokens, spec.embed_dim)
+    np.testing.assert_allclose(out.asnumpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def shrunk(name: str) -> dict:

@@ -251,13 +251,19 @@ class Attention(nn.Cell):
         # op time here, gather a tenth of that, with the same values (README, "Speed"); ONNX export has no Unstack
         return ops.gather(qkv, self.q_index, 0), ops.gather(qkv, self.k_index, 0), ops.gather(qkv, self.v_index, 0)
 
-    def attend(self, x, logit_bias=None):
-        """The heads' outputs merged, (B, N, D) before the projection, and the logits."""
+    def attend(self, x, logit_bias=None, cls_query_only: bool = False):
+        """The heads' outputs merged, (B, N, D) before the projection, and the logits; with `cls_query_only`, those
+        of the cls token's query alone, (B, 1, D) and (B, H, 1, N)."""
         q, k, v = self.split_heads(x)
+        queries = self.num_tokens
+        if cls_query_only:
+            q, queries = q[:, :, :1], 1
+            if logit_bias is not None:
+                logit_bias = logit_bias[:, :, :1]
         raw = self.qk_matmul(q, k)
         logits, attn = self.softmax(raw) if logit_bias is None else self.biased_softmax(raw, logit_bias)
         attn = self.attn_drop(attn.astype(v.dtype))
-        return self.merge_heads(self.av_matmul(attn, v)).reshape(-1, self.num_tokens, self.dim), logits
+        return self.merge_heads(self.av_matmul(attn, v)).reshape(-1, queries, self.dim), logits
 
     def construct(self, x, logit_bias=None):
         out, logits = self.attend(x, logit_bias)
@@ -269,12 +275,16 @@ class Block(nn.Cell):
 
     `feature_reuse` is a Cell mapping the upstream stage's final tokens to a (B, N, reuse_dim) context
     that is concatenated after the D channels of the residual stream, in front of norm2 and fc1.
+    With `cls_only` (a stage's last block when only its head reads it), inference returns the cls token alone,
+    (B, 1, D): every token still serves as key and value, but only the cls token's query, projection and MLP run
+    (about three quarters of the block's work is skipped; training computes every token).
     """
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, mlp_hidden: int, norm_eps: float,
                  qkv_bias: bool = False, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 feature_reuse: nn.Cell | None = None, reuse_dim: int = 0):
+                 feature_reuse: nn.Cell | None = None, reuse_dim: int = 0, cls_only: bool = False):
         super().__init__()
+        self.cls_only = cls_only
         self.norm1 = layer_norm(dim, norm_eps)
         self.attn = Attention(dim, num_heads, num_tokens, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
@@ -294,11 +304,15 @@ class Block(nn.Cell):
         return x + self.drop_path(dropout(layer(hidden)))
 
     def construct(self, x, upstream_tokens=None, logit_bias=None):
-        out, logits = self.attn.attend(self.norm1(x), logit_bias)
+        cls_only = self.cls_only and not self.training
+        out, logits = self.attn.attend(self.norm1(x), logit_bias, cls_only)
+        if cls_only:
+            x = x[:, :1]
         x = self.add_residual(x, out, self.attn.proj, self.attn.proj_drop)
         mlp_in = x
         if self.feature_reuse is not None:
-            mlp_in = ops.cat((x, self.feature_reuse(upstream_tokens)), -1)
+            reused = self.feature_reuse.cls_row(x) if cls_only else self.feature_reuse(upstream_tokens)
+            mlp_in = ops.cat((x, reused), -1)
         return self.add_residual(x, self.mlp.hidden(self.norm2(mlp_in)), self.mlp.fc2, self.mlp.drop), logits
 
 

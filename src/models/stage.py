@@ -50,9 +50,11 @@ class Stage(nn.Cell):
             if self.takes_tokens:
                 feature_reuse = FeatureReuse(dim, spec.reuse_hidden, spec.reuse_dim, spec.grids[index - 1], grid,
                                              spec.norm_eps, spec.drop_rate)
+            # the last block of a stage that hands nothing on feeds only the head, which reads the cls token
+            cls_only = layer == spec.depth - 1 and not (emit_tokens or emit_relations)
             blocks.append(Block(dim, spec.num_heads, num_tokens, spec.mlp_hidden, spec.norm_eps, spec.qkv_bias,
                                 spec.drop_rate, spec.attn_drop_rate, float(drop_path_rates[layer]),
-                                feature_reuse, spec.reuse_dim))
+                                feature_reuse, spec.reuse_dim, cls_only))
         self.blocks = nn.CellList(blocks)
         self.relation_reuse = None
         if self.takes_relations:
