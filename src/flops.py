@@ -45,13 +45,15 @@ def tokenizer_flops(spec: DVTSpec, stage: int) -> int:
             + side3 ** 2 * split_dim * spec.embed_dim)
 
 
-def block_flops(spec: DVTSpec, stage: int) -> int:
-    """One transformer block, its feature-reuse branch included."""
+def block_flops(spec: DVTSpec, stage: int, cls_only: bool = False) -> int:
+    """One transformer block, its feature-reuse branch included; with `cls_only`, as a block that computes the cls
+    token alone runs it (src/models/layers.py, Block): q, k and v of every token, the rest for one token."""
     n, d, hidden = spec.num_tokens(stage), spec.embed_dim, spec.mlp_hidden
+    rows = 1 if cls_only else n
     mlp_in = d + spec.reuse_dim if spec.uses_feature_reuse(stage) else d
-    flops = (_layer_norm(n, d) + n * d * 3 * d + 2 * n * n * d + n * d * d
-             + _layer_norm(n, mlp_in) + n * mlp_in * hidden + n * hidden * d)
-    if spec.uses_feature_reuse(stage):
+    flops = (_layer_norm(n, d) + n * d * 3 * d + 2 * rows * n * d + rows * d * d
+             + _layer_norm(rows, mlp_in) + rows * mlp_in * hidden + rows * hidden * d)
+    if spec.uses_feature_reuse(stage) and not cls_only:
         up_grid = spec.grids[stage - 1]
         n_up = spec.num_tokens(stage - 1)
         flops += (_layer_norm(n_up, d) + n_up * d * spec.reuse_hidden + n_up * spec.reuse_hidden * spec.reuse_dim
@@ -70,17 +72,26 @@ def relation_reuse_flops(spec: DVTSpec, stage: int) -> int:
     return mlp + resample
 
 
-def stage_flops(spec: DVTSpec, stage: int) -> int:
-    """FLOPs of one stage at batch 1, reuse paths included."""
+def hands_on(spec: DVTSpec, stage: int) -> bool:
+    """Whether the next stage reuses this one's tokens or attention logits (src/models/dvt.py)."""
+    return stage + 1 < spec.num_stages and (spec.uses_feature_reuse(stage + 1) or spec.uses_relation_reuse(stage + 1))
+
+
+def stage_flops(spec: DVTSpec, stage: int, executed: bool = False) -> int:
+    """FLOPs of one stage at batch 1, reuse paths included; with `executed`, as inference here runs it: the last
+    block of a stage that hands nothing on computes the cls token alone."""
     n, d = spec.num_tokens(stage), spec.embed_dim
-    return (tokenizer_flops(spec, stage) + spec.depth * block_flops(spec, stage)
-            + relation_reuse_flops(spec, stage) + _layer_norm(n, d) + d * spec.num_classes)
+    cls_only_last = executed and not hands_on(spec, stage)
+    blocks = (spec.depth - cls_only_last) * block_flops(spec, stage) + cls_only_last * block_flops(spec, stage, True)
+    return (tokenizer_flops(spec, stage) + blocks + relation_reuse_flops(spec, stage) + _layer_norm(n, d)
+            + d * spec.num_classes)
 
 
-def exit_gflops(spec: DVTSpec) -> list[float]:
-    """Cumulative GFLOPs of exiting at each exit, at batch 1."""
+def exit_gflops(spec: DVTSpec, executed: bool = False) -> list[float]:
+    """Cumulative GFLOPs of exiting at each exit, at batch 1: the reference model's (the paper's and the budget's
+    figures), or with `executed` those this implementation's inference computes (`stage_flops`)."""
     total, out = 0, []
     for stage in range(spec.num_stages):
-        total += stage_flops(spec, stage)
+        total += stage_flops(spec, stage, executed)
         out.append(total / 1e9)
     return out

@@ -2,7 +2,7 @@
 
 import pytest
 
-from src.flops import exit_gflops
+from src.flops import exit_gflops, hands_on
 from src.models import create_model, model_spec
 
 # (model, overrides, published cumulative GFLOPs per exit): paper Tables 1, 4 and 6, and fvcore runs of the
@@ -49,6 +49,27 @@ def test_exit_gflops_match_published_figures(name, overrides, published):
 def test_gflops_equal_fvcore_on_the_official_code(name, overrides, fvcore):
     """fvcore's count of the official PyTorch models at batch 1, measured beside ours."""
     assert [round(g, 4) for g in exit_gflops(model_spec(name, **overrides))] == fvcore
+
+
+def test_executed_gflops_count_the_last_block_for_the_cls_token_alone():
+    """DeiT-S's 14x14 stage hands nothing on, so inference computes its last block's attention output, projection,
+    norm2 and MLP for one token of 197 and skips its feature-reuse branch (counted by hand below)."""
+    spec = model_spec("dvt_deit_small")
+    n, d, hidden, mlp_in, n_up = 197, 384, 1536, 384 + spec.reuse_dim, 101
+    skipped_rows = (n - 1) * (2 * n * d + d * d + 5 * mlp_in + mlp_in * hidden + hidden * d)
+    reuse_branch = 5 * n_up * d + n_up * d * spec.reuse_hidden + n_up * spec.reuse_hidden * spec.reuse_dim \
+        + 2 * spec.reuse_dim * 20 ** 2  # LN, the MLP, nearest x2 of 10x10 and its pooling
+    paper, executed = exit_gflops(spec), exit_gflops(spec, executed=True)
+    assert executed[:2] == paper[:2]
+    assert (paper[2] - executed[2]) * 1e9 == pytest.approx(skipped_rows + reuse_branch, abs=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"feature_reuse": False}, {"relation_reuse": False},
+                                       {"feature_reuse": False, "relation_reuse": False}])
+def test_executed_gflops_know_which_last_blocks_compute_the_cls_token_alone(overrides):
+    net = create_model("dvt_tiny_deit", **overrides)
+    assert [stage.blocks[-1].cls_only for stage in net.stages] == \
+           [not hands_on(net.spec, k) for k in range(net.spec.num_stages)]
 
 
 @pytest.mark.parametrize("name,tensors,elements", [
