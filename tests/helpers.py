@@ -1,5 +1,6 @@
 """Helpers the test modules share (test modules do not import each other): generated datasets, train.py as a
-subprocess and what it leaves, planted run-directory locks, synthetic exit probabilities."""
+subprocess and what it leaves, planted run-directory locks, synthetic exit probabilities, weights copied
+between twin cells."""
 
 import json
 import os
@@ -83,6 +84,11 @@ def by_step(run_dir: str, key: str) -> dict[int, float]:
 def final_weights(path: str) -> dict[str, np.ndarray]:
     return {name: value.asnumpy() for name, value in ms.load_checkpoint(path).items()
             if name.startswith(("stages.", "ema.", "adam_")) or name in ("global_step", "scale_sense")}
+
+
+def copy_weights(source, target) -> None:
+    """Give the cell `target` copies of the weights of `source`, a cell of the same architecture."""
+    ms.load_param_into_net(target, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in source.get_parameters()})
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:

@@ -10,6 +10,7 @@ import time
 import mindspore as ms
 import numpy as np
 import pytest
+from helpers import copy_weights
 from numpy_dvt import unfold
 from scipy.special import erf
 
@@ -79,7 +80,7 @@ def twin_cells(make):
     rng = np.random.default_rng(6)
     for p in fast.get_parameters():
         p.set_data(ms.Tensor(rng.normal(scale=0.5, size=p.shape).astype(np.float32)))
-    ms.load_param_into_net(stock, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in fast.get_parameters()})
+    copy_weights(fast, stock)
     use_stock_ops(stock)
     return fast, stock
 
@@ -184,7 +185,7 @@ def test_relation_reuse_kernels_add_both_biases_as_numpy_does(batch):
     m = token_resample_matrix(src, dst, keep_cls=True).astype(np.float64)
     want = m @ maps @ m.T  # the reference order: both biases before the resample
     half_fast = eval_cell(RelationReuse(channels, src, dst))  # the GELU kernel on, the resample's off
-    ms.load_param_into_net(half_fast, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in fast.get_parameters()})
+    copy_weights(fast, half_fast)
     half_fast.resample.fast_kernel = None
     for cell in (fast, stock, half_fast):
         np.testing.assert_allclose(cell(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 from conftest import images
+from helpers import copy_weights
 
 from src.models import create_model, list_models, model_spec
 from src.models.layers import use_stock_ops
@@ -137,8 +138,7 @@ def test_a_last_block_feeding_only_the_head_computes_the_full_blocks_cls_token(k
     rng = np.random.default_rng(4)
     for p in cls_net.get_parameters():  # weights far from the init, so that the block is far from the identity
         p.set_data(ms.Tensor(rng.normal(scale=0.5, size=p.shape).astype(np.float32)))
-    ms.load_param_into_net(full_net, {p.name: ms.Parameter(p.data.copy(), name=p.name)
-                                      for p in cls_net.get_parameters()})
+    copy_weights(cls_net, full_net)
     cls_block, full_block = cls_net.stages[-1].blocks[-1], full_net.stages[-1].blocks[-1]
     full_block.cls_only = False
     for block in (cls_block, full_block):
