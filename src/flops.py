@@ -72,16 +72,11 @@ def relation_reuse_flops(spec: DVTSpec, stage: int) -> int:
     return mlp + resample
 
 
-def hands_on(spec: DVTSpec, stage: int) -> bool:
-    """Whether the next stage reuses this one's tokens or attention logits (src/models/dvt.py)."""
-    return stage + 1 < spec.num_stages and (spec.uses_feature_reuse(stage + 1) or spec.uses_relation_reuse(stage + 1))
-
-
 def stage_flops(spec: DVTSpec, stage: int, executed: bool = False) -> int:
     """FLOPs of one stage at batch 1, reuse paths included; with `executed`, as inference here runs it: the last
     block of a stage that hands nothing on computes the cls token alone."""
     n, d = spec.num_tokens(stage), spec.embed_dim
-    cls_only_last = executed and not hands_on(spec, stage)
+    cls_only_last = executed and not spec.hands_on(stage)
     blocks = (spec.depth - cls_only_last) * block_flops(spec, stage) + cls_only_last * block_flops(spec, stage, True)
     return (tokenizer_flops(spec, stage) + blocks + relation_reuse_flops(spec, stage) + _layer_norm(n, d)
             + d * spec.num_classes)

@@ -1,8 +1,9 @@
 """Per-exit GFLOPs against the paper and fvcore; parameter counts against the official models."""
 
+import numpy as np
 import pytest
 
-from src.flops import exit_gflops, hands_on
+from src.flops import exit_gflops
 from src.models import create_model, model_spec
 
 # (model, overrides, published cumulative GFLOPs per exit): paper Tables 1, 4 and 6, and fvcore runs of the
@@ -64,12 +65,20 @@ def test_executed_gflops_count_the_last_block_for_the_cls_token_alone():
     assert (paper[2] - executed[2]) * 1e9 == pytest.approx(skipped_rows + reuse_branch, abs=1)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"feature_reuse": False}, {"relation_reuse": False},
-                                       {"feature_reuse": False, "relation_reuse": False}])
-def test_executed_gflops_know_which_last_blocks_compute_the_cls_token_alone(overrides):
+@pytest.mark.parametrize("overrides,cls_only", [
+    ({}, [False, False, True]),
+    ({"feature_reuse": False}, [False, False, True]),
+    ({"relation_reuse": False}, [False, False, True]),
+    ({"feature_reuse": False, "relation_reuse": False}, [True, True, True]),
+])
+def test_executed_gflops_know_which_last_blocks_compute_the_cls_token_alone(overrides, cls_only):
+    """A stage's last block computes the cls token alone exactly when no later stage reuses anything of it: the
+    last stage always, every stage when both reuses are off. The executed count follows the same blocks."""
     net = create_model("dvt_tiny_deit", **overrides)
-    assert [stage.blocks[-1].cls_only for stage in net.stages] == \
-           [not hands_on(net.spec, k) for k in range(net.spec.num_stages)]
+    assert [stage.blocks[-1].cls_only for stage in net.stages] == cls_only
+    assert [not net.spec.hands_on(k) for k in range(net.spec.num_stages)] == cls_only
+    saved_by_exit = np.subtract(exit_gflops(net.spec), exit_gflops(net.spec, executed=True))
+    assert list(np.diff(saved_by_exit, prepend=0.0) > 0) == cls_only
 
 
 @pytest.mark.parametrize("name,tensors,elements", [

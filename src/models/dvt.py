@@ -20,13 +20,7 @@ class DVT(nn.Cell):
     def __init__(self, spec: DVTSpec):
         super().__init__()
         self.spec = spec
-        stages = []
-        for k in range(spec.num_stages):
-            last = k == spec.num_stages - 1
-            stages.append(Stage(spec, k,
-                                emit_tokens=not last and spec.uses_feature_reuse(k + 1),
-                                emit_relations=not last and spec.uses_relation_reuse(k + 1)))
-        self.stages = nn.CellList(stages)
+        self.stages = nn.CellList([Stage(spec, k) for k in range(spec.num_stages)])
         key_masks(self, ms.get_seed() or 0)  # reproducible dropout masks: see dropout.py
 
     @property

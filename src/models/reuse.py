@@ -110,14 +110,13 @@ class FeatureReuse(nn.Cell):
         self.norm = layer_norm(dim, norm_eps)
         self.mlp = Mlp(dim, hidden, reuse_dim, drop)
         self.resample = TokenResample(token_resample_matrix(src_grid, dst_grid, keep_cls=False))
-        self.reuse_dim = reuse_dim
 
     def construct(self, upstream_tokens):
         return self.resample(self.mlp(self.norm(upstream_tokens)))
 
     def cls_row(self, cls_token):
         """The output's cls row, (B, 1, reuse_dim) for cls_token (B, 1, D): zeros, as the resample's cls row is."""
-        return ops.zeros(cls_token.shape[:-1] + (self.reuse_dim,), cls_token.dtype)
+        return ops.zeros(cls_token.shape[:-1] + (self.mlp.out_features,), cls_token.dtype)
 
 
 class PointwiseMlp(nn.Cell):

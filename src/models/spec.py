@@ -151,6 +151,18 @@ class DVTSpec:
     def uses_relation_reuse(self, stage: int) -> bool:
         return self.relation_reuse and stage > 0
 
+    def hands_on_tokens(self, stage: int) -> bool:
+        """Whether the next stage reuses this stage's final tokens (feature reuse)."""
+        return stage + 1 < self.num_stages and self.uses_feature_reuse(stage + 1)
+
+    def hands_on_relations(self, stage: int) -> bool:
+        """Whether the next stage reuses this stage's attention logits (relationship reuse)."""
+        return stage + 1 < self.num_stages and self.uses_relation_reuse(stage + 1)
+
+    def hands_on(self, stage: int) -> bool:
+        """Whether anything but the head reads this stage's blocks: if not, its last block's cls token is enough."""
+        return self.hands_on_tokens(stage) or self.hands_on_relations(stage)
+
     def to_dict(self) -> dict:
         """Plain JSON-friendly form, stored next to checkpoints."""
         out = dataclasses.asdict(self)

@@ -22,14 +22,14 @@ from .tokenizers import build_tokenizer
 class Stage(nn.Cell):
     """Tokenizer, cls token and position embedding, `depth` blocks, final norm and head."""
 
-    def __init__(self, spec: DVTSpec, index: int, emit_tokens: bool = False, emit_relations: bool = False):
+    def __init__(self, spec: DVTSpec, index: int):
         super().__init__()
         self.num_heads = spec.num_heads
         self.num_layers = spec.depth
         self.takes_tokens = spec.uses_feature_reuse(index)
         self.takes_relations = spec.uses_relation_reuse(index)
-        self.emit_tokens = emit_tokens
-        self.emit_relations = emit_relations
+        self.emit_tokens = spec.hands_on_tokens(index)
+        self.emit_relations = spec.hands_on_relations(index)
         grid = spec.grids[index]
         num_tokens = spec.num_tokens(index)
         dim = spec.embed_dim
@@ -51,7 +51,7 @@ class Stage(nn.Cell):
                 feature_reuse = FeatureReuse(dim, spec.reuse_hidden, spec.reuse_dim, spec.grids[index - 1], grid,
                                              spec.norm_eps, spec.drop_rate)
             # the last block of a stage that hands nothing on feeds only the head, which reads the cls token
-            cls_only = layer == spec.depth - 1 and not (emit_tokens or emit_relations)
+            cls_only = layer == spec.depth - 1 and not spec.hands_on(index)
             blocks.append(Block(dim, spec.num_heads, num_tokens, spec.mlp_hidden, spec.norm_eps, spec.qkv_bias,
                                 spec.drop_rate, spec.attn_drop_rate, float(drop_path_rates[layer]),
                                 feature_reuse, spec.reuse_dim, cls_only))
