@@ -5,8 +5,9 @@ samples that go on are selected with `ops.gather` on the device, never through N
 sub-batch of n samples:
 - `micro_batch=m` (the default, 16): in static-shape graphs of m samples, and the remainder n mod m in graphs
   of its binary digits (13 = 8 + 4 + 1), so nothing is padded. Each stage compiles at most 1 + log2(m) graphs,
-  on first use; memory depends on m, not on the batch. CPU throughput per image is flat from about 4 samples
-  up, so small graphs lose little (README, "Benchmarks");
+  on first use; memory depends on m, not on the batch. Each call costs a fixed 10-25 ms on CPU, so a graph of 2
+  runs 13-36% slower per image than one of 16; the binary digits keep such calls to a few per stage (README,
+  "Benchmarks");
 - `micro_batch=0`: one call per stage, compiled once with a dynamic batch dimension (`set_inputs` with None).
   It compiles least, but MindSpore's dynamic-shape kernels are about 1.45x slower on CPU and its memory grows
   with the batch.
