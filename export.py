@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         run_folder = os.path.dirname(os.path.abspath(args.ckpt_file))
         file_name = args.file_name or os.path.join(run_folder, "export", config["model"])
         thresholds_file = args.thresholds_file
-        solved = os.path.join(eval_folder_of(args.ckpt_file), THRESHOLDS_FILE)
-        if thresholds_file is None and os.path.isfile(solved):
-            thresholds_file = solved
-            print(f"thresholds: {thresholds_file}")
+        if thresholds_file is None:
+            solved = os.path.join(eval_folder_of(args.ckpt_file), THRESHOLDS_FILE)
+            if os.path.isfile(solved):
+                thresholds_file = solved
+                print(f"thresholds: {thresholds_file}")
         check_file_format(args.file_format, args.batch_size or None, config["device_target"])
         folder = os.path.dirname(os.path.abspath(file_name))
         check_export_folder(folder)
