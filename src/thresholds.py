@@ -2,18 +2,18 @@
 export.py and the library read.
 
 A row is {"budget_gflops": B, "thresholds": [one per exit]} (eval.py adds expected GFLOPs and top-1); a
-budget B picks the row solved for the largest budget that does not exceed B. `src/deploy/runner.py` keeps its
-own copy of the row check and the lookup, as it must stay one self-contained file; tests/test_adaptive.py
-holds the two to the same answers.
+budget B picks the row solved for the largest budget that does not exceed B. The rows are checked by
+`src/deploy/runner.py`'s `threshold_rows`, which the runner needs too and which must stay in that one
+self-contained file; the runner keeps its own lookup, on a manifest rather than a checked table.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from .atomic import write_json
+from .deploy.runner import threshold_rows
 
 FILE_NAME = "thresholds.json"
 Table = list[tuple[float, list[float]]]
@@ -28,37 +28,6 @@ def write_thresholds(curve: list[dict], meta: dict, output_dir: str) -> str:
     return path
 
 
-def _finite(value) -> bool:
-    """A finite int or float (not a bool, not an int too large for a float)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def check_rows(rows, num_exits: int, source: str) -> Table:
-    """(budget, thresholds) by increasing budget from thresholds-by-budget rows; ValueError naming `source` and
-    the row when a row lacks a key, holds a budget that is not positive, or not one finite threshold per exit."""
-    if not isinstance(rows, list):
-        raise ValueError(f"{source}: the thresholds must be a list of rows, not {type(rows).__name__}")
-    table = []
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or "budget_gflops" not in row or "thresholds" not in row:
-            raise ValueError(f"{source}: row {i} must hold 'budget_gflops' and 'thresholds'")
-        budget, values = row["budget_gflops"], row["thresholds"]
-        if not _finite(budget) or budget <= 0:
-            raise ValueError(f"{source}: row {i}: budget_gflops must be a positive finite number, not {budget!r}")
-        if not isinstance(values, list) or not all(_finite(v) for v in values):
-            raise ValueError(f"{source}: row {i} ({budget:.4g} GFLOPs): thresholds must be a list of finite numbers")
-        if len(values) != num_exits:
-            raise ValueError(f"{source}: row {i} ({budget:.4g} GFLOPs) holds {len(values)} threshold(s) for "
-                             f"{num_exits} exits: give one per exit (the last exit's is not used)")
-        table.append((float(budget), [float(v) for v in values]))
-    return sorted(table)
-
-
 def read_thresholds(path: str, num_exits: int) -> Table:
     """The checked rows of a thresholds.json (FileNotFoundError, or ValueError naming the file and row)."""
     if not os.path.isfile(path):
@@ -71,7 +40,7 @@ def read_thresholds(path: str, num_exits: int) -> Table:
         raise ValueError(f"cannot read thresholds file {path}: {err}") from err
     if not isinstance(content, dict) or "budgets" not in content:
         raise ValueError(f"{path} is not a thresholds file: it lacks 'budgets' (eval.py writes thresholds.json)")
-    table = check_rows(content["budgets"], num_exits, path)
+    table = threshold_rows(content["budgets"], num_exits, path)
     if not table:
         raise ValueError(f"{path} holds no thresholds")
     return table

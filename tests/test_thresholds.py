@@ -5,7 +5,7 @@ import json
 import pytest
 
 from src.deploy.runner import threshold_rows, thresholds_for_budget
-from src.thresholds import check_rows, read_thresholds, thresholds_for, write_thresholds
+from src.thresholds import read_thresholds, thresholds_for, write_thresholds
 
 
 def test_thresholds_by_budget():
@@ -99,9 +99,9 @@ def test_what_eval_writes_reads_back(tmp_path):
     assert read_thresholds(path, 3) == [(1.0, [0.9, 0.85, 0.0]), (2.0, [0.8, 0.7, 0.0])]
 
 
-def test_the_runner_checks_rows_as_the_library_does():
-    """runner.threshold_rows is the self-contained twin of check_rows: the same rows give the same table or the
-    same message."""
+def test_threshold_rows_sorts_good_rows_and_names_the_file_for_bad_ones():
+    """The one row check, the runner's, which read_thresholds uses too: a table by increasing budget, or a
+    ValueError naming the file."""
     cases = [[{"budget_gflops": 2, "thresholds": [0.8, 0, 0.0]}, {"budget_gflops": 1.5, "thresholds": [1, 0.5, 0]}],
              [], {"budget_gflops": 1.0}, [[1.0, [0.9, 0.8, 0.0]]], [{"thresholds": [0.9, 0.8, 0.0]}],
              [{"budget_gflops": True, "thresholds": [0.9, 0.8, 0.0]}], [{"budget_gflops": -1, "thresholds": [0, 0, 0]}],
@@ -115,7 +115,6 @@ def test_the_runner_checks_rows_as_the_library_does():
         except ValueError as err:
             return str(err)
 
-    outcomes = [outcome(check_rows, rows) for rows in cases]
+    outcomes = [outcome(threshold_rows, rows) for rows in cases]
     assert outcomes[:2] == [[(1.5, [1.0, 0.5, 0.0]), (2.0, [0.8, 0.0, 0.0])], []]
     assert all(isinstance(o, str) and o.startswith("f.json: ") for o in outcomes[2:]), outcomes
-    assert [outcome(threshold_rows, rows) for rows in cases] == outcomes
